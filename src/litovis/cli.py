@@ -1,0 +1,67 @@
+"""The `litovis` command.
+
+    litovis fit|validate|test|predict --config configs/demo.yaml [--ckpt_path last]   (LightningCLI)
+    litovis prepare --config configs/prepare/challenge.yaml                          (raw → prepared)
+    litovis evaluate --predictions ... --references ...                               (scores)
+    litovis export --config configs/... --ckpt_path ... --output_dir ...              (PEFT / merged)
+
+Notable: checkpoints carry no hyper-parameters (`load_from_checkpoint_support=False`), so
+`--ckpt_path` restores weights and loop state and never overrides the YAML you pass; the model
+source is linked into the data module, so the tokenizer and image geometry can never disagree with
+the model.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+TOOL_COMMANDS = ("prepare", "evaluate", "export")
+
+
+class LitovisCLI(LightningCLI):
+    """LightningCLI with the data module wired to the model's source and task list."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.source", "data.source")
+        parser.link_arguments("data.task_names", "model.task_names", apply_on="instantiate")
+
+
+def lightning_main(args: list[str] | None = None) -> LitovisCLI:
+    """Run a LightningCLI subcommand (fit/validate/test/predict)."""
+    from litovis.data.datamodule import OvisDataModule
+    from litovis.training.module import OvisFineTuner
+
+    return LitovisCLI(
+        OvisFineTuner,
+        OvisDataModule,
+        save_config_kwargs={"overwrite": True},
+        load_from_checkpoint_support=False,
+        args=args,
+    )
+
+
+def tool_main(command: str, args: list[str]) -> object:
+    """Run one of the non-Lightning commands through jsonargparse (`--config` YAML supported)."""
+    from jsonargparse import auto_cli
+
+    if command == "prepare":
+        from litovis.data.prepare import prepare_command as function
+    elif command == "evaluate":
+        from litovis.evaluation.evaluate import evaluate as function
+    else:
+        from litovis.inference.export import export as function
+    return auto_cli(function, args=args, as_positional=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        tool_main(argv[0], argv[1:])
+    else:
+        lightning_main(argv)
+
+
+if __name__ == "__main__":
+    main()

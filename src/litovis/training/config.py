@@ -1,0 +1,152 @@
+"""Typed settings of the training module, one dataclass per concern (each field documented).
+
+LightningCLI turns these into YAML sections under `model:`; every shipped config comments each key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelSource:
+    """Where the base model and tokenizer come from.
+
+    Attributes:
+        checkpoint: local directory or Hugging Face repo id (read from the local cache, never the
+            network) of an official-format Ovis2.5 checkpoint; None = random init from `preset`.
+        preset: `tiny`, `2b` or `9b`: random weights of that shape (tests, benchmarks, the demo).
+        tokenizer: tokenizer directory or repo id; None = the checkpoint's; `tiny` = the built-in
+            512-token test tokenizer (goes with the `tiny` preset).
+        dtype: dtype of the frozen base weights (`bfloat16`, `float16`, `float32`).
+        attn_backend: `auto` (varlen flash kernel on CUDA, SDPA elsewhere), `sdpa` or `varlen`.
+        seed: seed of the random init when no checkpoint is given.
+    """
+
+    checkpoint: str | None = None
+    preset: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"
+    attn_backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.preset is None):
+            raise ValueError("give exactly one of model source `checkpoint` (real weights) or `preset` (random init)")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+
+
+@dataclass
+class Trainable:
+    """Which parts train besides the LoRA adapters (all frozen in the reference run).
+
+    Attributes:
+        vit: train the SigLIP2 vision tower (full weights).
+        visual_head: train the visual head (Linear + LayerNorm).
+        vte: train the visual embedding table.
+    """
+
+    vit: bool = False
+    visual_head: bool = False
+    vte: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay (defaults: the reference run).
+
+    Attributes:
+        lr: peak learning rate.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: decoupled weight decay.
+        warmup_ratio: warm-up length as a fraction of `total_steps` (ignored if `warmup_steps` set).
+        warmup_steps: warm-up length in optimizer steps.
+        total_steps: schedule length in optimizer steps; None = the trainer's `max_steps`, else the
+            data module's steps per epoch times `max_epochs` (never `estimated_stepping_batches`,
+            which makes Lightning drop the saved data-loader state).
+        min_lr_ratio: floor of the cosine as a fraction of `lr`.
+        fused: fused AdamW kernel; None = on when the parameters are on CUDA.
+    """
+
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    fused: bool | None = None
+
+
+@dataclass
+class LossConfig:
+    """Token loss settings (the kind, CE or DFT, is chosen per step by the `LossSchedule` callback).
+
+    Attributes:
+        chunk_size: tokens per chunk of the chunked CE/DFT (full logits are never materialised).
+        label_smoothing: CE label smoothing; incompatible with DFT (raises at the switch).
+    """
+
+    chunk_size: int = 1024
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class MemoryConfig:
+    """Speed/memory trade-offs.
+
+    Attributes:
+        gradient_checkpointing: recompute activations of decoder layers in backward: `true` = all
+            LLM layers, `false` = none, an int k = the first k layers (the rest keep activations).
+        vit_checkpointing: also checkpoint the ViT layers (only matters when the ViT trains).
+        compile: `torch.compile` each decoder layer.
+    """
+
+    gradient_checkpointing: bool | int = True
+    vit_checkpointing: bool = False
+    compile: bool = False
+
+
+Finetune = Literal["lora", "full"]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings for `predict` and generation-based validation.
+
+    Attributes:
+        max_new_tokens: upper bound of generated tokens per sample.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        top_k: keep the k most likely tokens (0 = off).
+        repetition_penalty: HF-style repetition penalty (1.0 = off).
+        enable_thinking: let the model think (otherwise the empty think block is forced).
+        thinking_budget: max thinking tokens before the thinking is closed (None = unlimited).
+        seed: sampling seed.
+    """
+
+    max_new_tokens: int = 1024
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    repetition_penalty: float = 1.0
+    enable_thinking: bool = False
+    thinking_budget: int | None = None
+    seed: int = 0
+
+
+__all__ = [
+    "Finetune",
+    "GenerationConfig",
+    "LossConfig",
+    "MemoryConfig",
+    "ModelSource",
+    "OptimizerConfig",
+    "Trainable",
+]

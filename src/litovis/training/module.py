@@ -1,0 +1,296 @@
+"""`OvisFineTuner`: the LightningModule that fine-tunes Ovis2.5 with LoRA (or fully).
+
+Notable:
+- The model is built in `configure_model` (idempotent), inside Lightning's device context, so the
+  bf16 base lands directly on the GPU and PiSSA's SVD runs there.
+- PiSSA changes the frozen base weights. A fresh run initialises it after any checkpoint restore
+  (in `configure_optimizers`); a resumed run rebuilds the residual from the A0/B0 stored in its
+  checkpoint (`on_load_checkpoint`), so both end with identical bits.
+- Checkpoints hold trainable weights only (plus optimizer/loop/data state, which Lightning adds) and
+  a human-readable `litovis` metadata block; every trainable parameter must be found on load.
+- The loss is chunked CE or DFT on hidden states (no full logits), normalised per target token over
+  the whole optimizer step (all micro-batches, all ranks), the same rule for CE and DFT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from litovis.training.config import (
+    Finetune,
+    GenerationConfig,
+    LossConfig,
+    MemoryConfig,
+    ModelSource,
+    OptimizerConfig,
+    Trainable,
+)
+from litovis.training.lora import LoRAConfig, apply_lora, pissa_initialize, restore_pissa_residual
+from litovis.training.loss_schedule import LossSchedule
+from litovis.training.losses import shift_targets, token_loss
+from litovis.training.token_stats import TokenStats
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class OvisFineTuner(L.LightningModule):
+    """Ovis2.5 + LoRA (or full fine-tuning of the LLM) trained with chunked CE/DFT.
+
+    Args:
+        source: base model and tokenizer location (or a random-init preset).
+        finetune: `lora` (adapters on the LLM's linear layers) or `full` (every LLM weight trains).
+        lora: adapter settings (used with `finetune: lora`).
+        trainable: which vision parts train besides the LLM.
+        optimizer: AdamW and LR schedule.
+        loss: chunked loss settings.
+        memory: activation checkpointing and compilation.
+        generation: decoding settings for `predict`.
+        task_names: task vocabulary for per-task logging (filled from the data module when empty).
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        finetune: Finetune = "lora",
+        lora: LoRAConfig | None = None,
+        trainable: Trainable | None = None,
+        optimizer: OptimizerConfig | None = None,
+        loss: LossConfig | None = None,
+        memory: MemoryConfig | None = None,
+        generation: GenerationConfig | None = None,
+        task_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+        self.source = source
+        self.finetune = finetune
+        self.lora = lora or LoRAConfig()
+        self.trainable = trainable or Trainable()
+        self.optim = optimizer or OptimizerConfig()
+        self.loss_cfg = loss or LossConfig()
+        self.memory = memory or MemoryConfig()
+        self.generation = generation or GenerationConfig()
+        self.task_names = list(task_names or [])
+        self.model: torch.nn.Module | None = None
+        self.loss_kind = "ce"
+        self.strict_loading = False  # only trainable weights are saved; checked in on_load_checkpoint
+        self._pissa_initial: dict[str, Tensor] | None = None
+        self._pissa_pending = False
+        self._train_stats: TokenStats | None = None
+        self._val_stats: TokenStats | None = None
+        self._loss_ema: float | None = None
+        self._logged_step = -1
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from litovis.model.checkpoint import build_ovis, load_ovis
+        from litovis.model.presets import preset
+
+        dtype = DTYPES[self.source.dtype]
+        device = torch.get_default_device()
+        if self.source.checkpoint is not None:
+            ovis, _ = load_ovis(self.source.checkpoint, dtype=dtype, device=device)
+        else:
+            torch.manual_seed(self.source.seed)
+            ovis = build_ovis(preset(self.source.preset), dtype=dtype, device=device)
+        ovis.set_attention_backend(self.source.attn_backend)
+        ovis.requires_grad_(False)
+        if self.finetune == "lora":
+            model = apply_lora(ovis, self.lora)
+            self._pissa_pending = self.lora.is_pissa
+        else:
+            ovis.llm.requires_grad_(True)
+            model = ovis
+        ovis.visual_tokenizer.vit.requires_grad_(self.trainable.vit)
+        ovis.visual_tokenizer.head.requires_grad_(self.trainable.visual_head)
+        ovis.vte.requires_grad_(self.trainable.vte)
+        # Adapters and fully trained weights keep float32 master copies; bf16 autocast computes.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        ovis.configure_activation_checkpointing(self.memory.gradient_checkpointing, vit=self.memory.vit_checkpointing)
+        if self.memory.compile:
+            ovis.compile_layers()
+        self.model = model
+
+    @property
+    def ovis(self) -> torch.nn.Module:
+        """The underlying `Ovis2_5` (without the PEFT wrapper)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def setup(self, stage: str) -> None:
+        if not self.task_names and self.trainer is not None and self.trainer.datamodule is not None:
+            self.task_names = list(getattr(self.trainer.datamodule, "task_names", []))
+
+    # ------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self._pissa_pending:
+            self._pissa_initial = pissa_initialize(self.model, self.lora)
+            self._pissa_pending = False
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("nothing to train: every parameter is frozen")
+        fused = self.optim.fused if self.optim.fused is not None else params[0].is_cuda
+        opt = torch.optim.AdamW(
+            params,
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+            weight_decay=self.optim.weight_decay,
+            fused=fused,
+        )
+        total = self._total_steps()
+        warmup = self.optim.warmup_steps if self.optim.warmup_steps is not None else round(self.optim.warmup_ratio * total)
+        schedule = next((c for c in self.trainer.callbacks if isinstance(c, LossSchedule)), None)
+        floor = self.optim.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                value = (step + 1) / (warmup + 1)
+            else:
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                value = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return value * (schedule.lr_factor(step) if schedule else 1.0)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        if self.optim.total_steps is not None:
+            return self.optim.total_steps
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "optimizer_steps_per_epoch"):
+            raise ValueError("set optimizer.total_steps or trainer.max_steps: the schedule length is unknown")
+        epochs = self.trainer.max_epochs or 1
+        return datamodule.optimizer_steps_per_epoch(self.trainer.accumulate_grad_batches) * epochs
+
+    # --------------------------------------------------------------- forward
+    def _token_loss(self, batch: Any, kind: str):
+        out = self.model(
+            input_ids=batch.input_ids,
+            pixel_values=batch.pixel_values,
+            grid_thws=batch.grid_thws,
+            position_ids=batch.position_ids,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            return_hidden=True,
+        )
+        hidden = out.hidden_states.flatten(0, 1)
+        targets = shift_targets(batch.labels, batch.cu_seqlens)
+        result = token_loss(
+            hidden,
+            self.ovis.llm.output_weight,
+            targets,
+            kind=kind,
+            chunk_size=self.loss_cfg.chunk_size,
+            label_smoothing=self.loss_cfg.label_smoothing if kind == "ce" else 0.0,
+        )
+        lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
+        token_task = batch.sample_task_index.to(lengths.device).repeat_interleave(lengths.long())
+        return result, targets != -100, token_task
+
+    def _stats(self, existing: TokenStats | None) -> TokenStats:
+        return existing if existing is not None else TokenStats(max(1, len(self.task_names)), self.device)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        result, mask, token_task = self._token_loss(batch, self.loss_kind)
+        # Per-target-token mean over the whole optimizer step and all ranks; Lightning divides the
+        # returned loss by accumulate_grad_batches and DDP averages over ranks: undo both.
+        step_targets = torch.as_tensor(float(batch.step_num_targets), device=self.device)
+        step_targets = self.trainer.strategy.reduce(step_targets, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / step_targets.clamp(min=1)
+        per_token = result.dft if self.loss_kind == "dft" else result.ce
+        self._train_stats = self._stats(self._train_stats)
+        self._train_stats.add(per_token, result.ce, result.dft, result.correct, mask, token_task)
+        return result.loss_sum * scale
+
+    def on_train_start(self) -> None:
+        self._logged_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step != self._logged_step:  # an optimizer step just finished
+            self._logged_step = self.trainer.global_step
+            stats = self._train_stats
+            stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            logs = stats.means("train", self.task_names)
+            loss = logs.get("train/loss", float("nan"))
+            self._loss_ema = loss if self._loss_ema is None else 0.98 * self._loss_ema + 0.02 * loss
+            logs["train/loss_ema"] = self._loss_ema
+            logs["train/dft_active"] = float(self.loss_kind == "dft")
+            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+            self.log("loss", self._loss_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+            stats.reset()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            total = torch.linalg.vector_norm(torch.stack(norms)).item()
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False, batch_size=1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        result, mask, token_task = self._token_loss(batch, "ce")
+        self._val_stats = self._stats(self._val_stats)
+        self._val_stats.add(result.ce, result.ce, result.dft, result.correct, mask, token_task)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_stats is None:
+            return
+        stats = self._val_stats
+        stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        logs = stats.means("val", self.task_names)
+        # val/loss is CE whatever the training loss: comparable across the CE -> DFT switch.
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1, rank_zero_only=True)
+        if "val/loss" in logs:
+            self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1, rank_zero_only=True)
+        stats.reset()
+
+    # ----------------------------------------------------------- checkpoints
+    def trainable_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self._pissa_initial is not None:
+            checkpoint["pissa_initial"] = self._pissa_initial
+        checkpoint["litovis"] = {
+            "source": asdict(self.source),
+            "finetune": self.finetune,
+            "lora": asdict(self.lora) if self.finetune == "lora" else None,
+            "trainable": asdict(self.trainable),
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "loss_kind": self.loss_kind,
+            "global_step": self.trainer.global_step if self._trainer is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = set(self.trainable_names())
+        found = set(checkpoint.get("state_dict", {}))
+        if expected != found:
+            missing, unexpected = sorted(expected - found), sorted(found - expected)
+            raise KeyError(
+                f"checkpoint does not match the trainable parameters: {len(missing)} missing "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+                "was it written with another LoRA/trainable configuration?"
+            )
+        initial = checkpoint.get("pissa_initial")
+        if self.finetune == "lora" and self.lora.is_pissa:
+            if initial is None:
+                raise KeyError("this run uses PiSSA but the checkpoint carries no PiSSA initial state")
+            restore_pissa_residual(self.model, initial)
+            self._pissa_initial = initial
+            self._pissa_pending = False
+        elif initial is not None:
+            raise ValueError("the checkpoint was trained with PiSSA: set lora.init to its PiSSA init")
