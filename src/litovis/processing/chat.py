@@ -85,7 +85,9 @@ def validate_messages(messages: Sequence[Mapping[str, object]]) -> None:
         if role not in ROLES:
             raise ConversationError(f"message {index} has unknown role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
-            raise ConversationError(f"message {index} ({role}) content must be a string, got {type(content).__name__}")
+            raise ConversationError(
+                f"message {index} ({role}) content must be a string, got {type(content).__name__}"
+            )
         if role == "system" and index != 0:
             raise ConversationError(f"message {index} is a system turn; only the first turn may be system")
         if role == "assistant" and not seen_user:
@@ -105,7 +107,8 @@ def has_reasoning(content: str) -> bool:
     return THINK_START in content and THINK_END in content
 
 
-def _check_think_block(think_block: str) -> None:
+def validate_think_block(think_block: str) -> None:
+    """Raise ValueError unless `think_block` is one of `THINK_BLOCKS`."""
     if think_block not in THINK_BLOCKS:
         raise ValueError(f"think_block must be one of {THINK_BLOCKS}, got {think_block!r}")
 
@@ -128,9 +131,11 @@ def render_segments(
         think_block: how an assistant answer without reasoning is written and trained.
     """
     validate_messages(messages)
-    _check_think_block(think_block)
+    validate_think_block(think_block)
     if add_generation_prompt and messages[-1]["role"] == "assistant":
-        raise ConversationError("add_generation_prompt needs a conversation that does not end with an assistant turn")
+        raise ConversationError(
+            "add_generation_prompt needs a conversation that does not end with an assistant turn"
+        )
 
     segments: list[Segment] = []
     last = len(messages) - 1

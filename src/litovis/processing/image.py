@@ -175,7 +175,7 @@ def load_image(
         source: file path, encoded image bytes, or an already opened PIL image.
         name: how errors refer to the image (e.g. the sample's `file:row`); default: the path.
         max_image_pixels: refuse images with more pixels than this (None = no cap); checked from
-            the header, before decoding.
+            the header, before decoding. Pillow's own hard limit (about 179 MP) applies regardless.
 
     Raises:
         ImageTooLargeError: the image exceeds `max_image_pixels`.
@@ -308,4 +308,6 @@ class ImagePreprocessor:
             raise ImageAspectRatioError(f"{_describe(source, name)}: {err}") from err
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=RESAMPLE)
-        return patchify(normalize_pixels(image), self.patch_size, self.hidden_stride, self.temporal_patch_size)
+        return patchify(
+            normalize_pixels(image), self.patch_size, self.hidden_stride, self.temporal_patch_size
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
 
 import torch
 
@@ -23,7 +24,7 @@ from litovis.model.tokens import (
     IMAGE_TOKEN_ID,
     VISUAL_ATOM_ID,
 )
-from litovis.processing.chat import ThinkBlock, count_image_markers, tokenize_chat
+from litovis.processing.chat import ThinkBlock, count_image_markers, tokenize_chat, validate_think_block
 from litovis.processing.image import DEFAULT_MAX_IMAGE_PIXELS, ImagePreprocessor, ImageSource
 
 
@@ -37,7 +38,9 @@ class SampleTooLongError(ValueError):
 
     def __init__(self, length: int, limit: int, source: str = "") -> None:
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}sample has {length} tokens after image expansion, more than max_length={limit}")
+        super().__init__(
+            f"{where}sample has {length} tokens after image expansion, more than max_length={limit}"
+        )
         self.length = length
         self.limit = limit
         self.source = source
@@ -104,6 +107,7 @@ class OvisProcessor:
     ) -> None:
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be positive or None, got {max_length}")
+        validate_think_block(think_block)
         self.tokenizer = tokenizer
         self.image_preprocessor = ImagePreprocessor(
             min_pixels=min_pixels,
@@ -115,8 +119,6 @@ class OvisProcessor:
         )
         self.max_length = max_length
         self.think_block = think_block
-        # Validates the policy name now rather than on the first sample.
-        tokenize_chat([{"role": "user", "content": ""}], tokenizer, think_block=think_block)
 
     def __repr__(self) -> str:
         ip = self.image_preprocessor
@@ -136,7 +138,7 @@ class OvisProcessor:
     def __call__(
         self,
         messages: Sequence[Mapping[str, object]],
-        images: Sequence[ImageSource] = (),
+        images: Sequence[ImageSource] | None = None,
         add_generation_prompt: bool = False,
         enable_thinking: bool = False,
         source: str = "",
@@ -156,9 +158,12 @@ class OvisProcessor:
             ConversationError, ImageLoadError, ImageAspectRatioError: bad conversation or image.
         """
         where = f"{source}: " if source else ""
+        images = list(images or [])
         markers = count_image_markers(messages)
         if markers != len(images):
-            raise ImageCountError(f"{where}conversation has {markers} <image> marker(s) but {len(images)} image(s)")
+            raise ImageCountError(
+                f"{where}conversation has {markers} <image> marker(s) but {len(images)} image(s)"
+            )
         chat = tokenize_chat(
             messages,
             self.tokenizer,
@@ -168,7 +173,7 @@ class OvisProcessor:
         )
         patches, grids = [], []
         for index, image in enumerate(images):
-            name = f"{where}image {index}" + (f" ({image})" if isinstance(image, str) else "")
+            name = f"{where}image {index}" + (f" ({image})" if isinstance(image, (str, PathLike)) else "")
             pixel_values, grid = self.image_preprocessor(image, name=name)
             patches.append(pixel_values)
             grids.append(grid)
