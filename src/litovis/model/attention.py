@@ -63,11 +63,19 @@ def varlen_kernel_name() -> str | None:
     return None
 
 
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention will really run in: autocast's when autocast is on for this device."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn `"auto"`/`"sdpa"`/`"varlen"` into the backend that will run on this device and dtype.
 
     Raises when `"varlen"` is asked for explicitly but cannot run here.
     """
+    dtype = _compute_dtype(device, dtype)
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "sdpa":
@@ -172,6 +180,9 @@ def _repeat_kv(x: torch.Tensor, groups: int, head_dim_axis: int) -> torch.Tensor
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
     """q `[T, Hq, D]`, k/v `[T, Hkv, D]` -> `[T, Hq, D]` through a variable-length flash kernel."""
     cu, max_len = layout.cu_seqlens, layout.max_seqlen
+    # Flash kernels are not autocast-aware: bring q, k, v to the one dtype they run in.
+    dtype = _compute_dtype(q.device, q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     groups = q.shape[1] // k.shape[1]
     if _TORCH_VARLEN is not None:
         params = _TORCH_VARLEN_PARAMS

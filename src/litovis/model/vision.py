@@ -170,6 +170,8 @@ class VisionTransformer(nn.Module):
         self.embeddings = VisionEmbeddings(config)
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Unused by Ovis2.5: never trainable, so DDP never waits for its gradient.
+        self.post_layernorm.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states `[N, hidden]` (no post_layernorm) for pixel rows `[N, C*p*p]`."""
