@@ -165,3 +165,10 @@ def test_build_is_deterministic_and_initialised_sensibly() -> None:
     assert torch.equal(vit.encoder.layers[0].self_attn.q_proj.bias, torch.zeros(64))
     assert abs(first.vte.weight.std().item() - 0.02) < 0.002
     assert abs(first.llm.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_saving_a_model_with_foreign_tensors_is_refused(tmp_path: Path) -> None:
+    model = build_ovis(preset("tiny"))
+    model.llm.model.layers[0].self_attn.register_buffer("lora_scale", torch.ones(1))
+    with pytest.raises(CheckpointMismatchError, match="lora_scale.*merge or remove adapters"):
+        save_ovis(model, tmp_path)

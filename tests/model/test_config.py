@@ -106,3 +106,20 @@ def test_vit_head_dim_must_allow_2d_rotary() -> None:
     raw = {"hidden_size": 60, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 6}
     with pytest.raises(UnsupportedConfigError, match="multiple of 4"):
         ViTConfig.from_dict(raw)
+
+
+def test_transformers5_rope_parameters_are_read_and_checked() -> None:
+    raw = json.loads(CONFIG_TINY.read_text())
+    raw["llm_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000.0}
+    raw["llm_config"].pop("rope_theta")
+    raw["llm_config"]["layer_types"] = ["full_attention", "full_attention"]
+    config = OvisConfig.from_dict(raw)
+    assert config.llm.rope_theta == 5000.0
+    assert config.to_dict() == raw
+    raw["llm_config"]["rope_parameters"]["rope_type"] = "yarn"
+    with pytest.raises(UnsupportedConfigError, match="rope_type 'yarn'"):
+        OvisConfig.from_dict(raw)
+    raw["llm_config"]["rope_parameters"]["rope_type"] = "default"
+    raw["llm_config"]["layer_types"] = ["full_attention", "sliding_attention"]
+    with pytest.raises(UnsupportedConfigError, match="sliding_attention"):
+        OvisConfig.from_dict(raw)

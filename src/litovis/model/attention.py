@@ -63,6 +63,12 @@ def varlen_kernel_name() -> str | None:
     return None
 
 
+def check_backend_name(name: str) -> None:
+    """Raise early on a misspelt backend name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype attention will really run in: autocast's when autocast is on for this device."""
     if torch.is_autocast_enabled(device.type):
@@ -75,9 +81,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
 
     Raises when `"varlen"` is asked for explicitly but cannot run here.
     """
+    check_backend_name(requested)
     dtype = _compute_dtype(device, dtype)
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "sdpa":
         return "sdpa"
     reasons = []

@@ -187,6 +187,15 @@ def save_ovis(model: Ovis2_5, directory: str | Path, max_shard_bytes: int = 5 * 
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         stale.unlink(missing_ok=True)  # a previous save with another sharding must not linger
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    with torch.device("meta"):
+        reference = Ovis2_5(model.config)
+    expected, got = set(reference.state_dict()), set(state)
+    if expected != got:
+        extra = sorted(got - expected)[:5]
+        raise CheckpointMismatchError(
+            f"save_ovis writes the official layout only; the model's tensors differ from it "
+            f"(missing {sorted(expected - got)[:5]}, extra {extra}): merge or remove adapters first"
+        )
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
         raise ValueError(f"save_ovis expects all tensors in one of {list(DTYPE_NAMES.values())}, got {dtypes}")

@@ -85,6 +85,17 @@ class LLMConfig:
         _require(raw.get("hidden_act", "silu") == "silu", where, f"hidden_act {raw.get('hidden_act')!r} is not 'silu'")
         _require(not raw.get("attention_bias", False), where, "attention_bias=true is not supported")
         _require(float(raw.get("attention_dropout", 0.0)) == 0.0, where, "attention_dropout must be 0")
+        layer_types = raw.get("layer_types") or []
+        _require(all(kind == "full_attention" for kind in layer_types), where,
+                 f"layer_types other than 'full_attention' are not supported: {sorted(set(layer_types))}")
+        rope_parameters = raw.get("rope_parameters")  # transformers 5 writes rope_theta here
+        if rope_parameters is not None:
+            rope_type = rope_parameters.get("rope_type", "default")
+            _require(rope_type == "default", where, f"rope_parameters.rope_type {rope_type!r} is not supported")
+            theta = rope_parameters.get("rope_theta", known.get("rope_theta"))
+            _require(known.get("rope_theta", theta) == theta, where, "rope_theta and rope_parameters.rope_theta differ")
+            if theta is not None:
+                known["rope_theta"] = theta
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if key not in known:
                 raise KeyError(f"{where}: missing required key {key!r}")
@@ -100,6 +111,8 @@ class LLMConfig:
         out = {**_fields_dict(self), "model_type": "qwen3"}
         if float(self.rope_theta).is_integer():
             out["rope_theta"] = int(self.rope_theta)
+        if "rope_parameters" in self.extra:
+            out.pop("rope_theta")  # the file kept it inside rope_parameters
         return {**out, **self.extra}
 
 
@@ -128,7 +141,7 @@ class ViTConfig:
     window_size: int = 112
     """Window of the (unused) windowed-attention variant; no effect while every block is full attention."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Keys of the file that do not change the computation, written back unchanged."""
+    """Other keys of the file (`_name_or_path`, the validated `hidden_act`, ...), written back unchanged."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "vit_config") -> ViTConfig:

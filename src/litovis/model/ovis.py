@@ -8,8 +8,8 @@ batch or a packed row (see the batch contract in BRIEF/DESIGN):
 - the -300 positions, in (row, position) order, take `visual_probs @ vte.weight`, one row per
   visual atom of `pixel_values` (the images in the order of their spans).
 
-The merge is out of place (`torch.where` / `masked_scatter` on new tensors), so no leaf output is
-written in place. FLOP counts for MFU are plain functions of the config at the bottom.
+The merge is out of place (`masked_scatter` returns new tensors), so no leaf output is written
+in place. FLOP counts for MFU are plain functions of the config at the bottom.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litovis.model.attention import check_backend_name
 from litovis.model.config import LLMConfig, OvisConfig, ViTConfig
 from litovis.model.generation import GenerationConfig, generate
 from litovis.model.qwen3 import Qwen3ForCausalLM
@@ -52,6 +53,7 @@ class Ovis2_5(nn.Module):
 
     def __init__(self, config: OvisConfig, attention_backend: str = "auto") -> None:
         super().__init__()
+        check_backend_name(attention_backend)
         self.config = config
         self.llm = Qwen3ForCausalLM(config.llm, attention_backend)
         self.visual_tokenizer = VisualTokenizer(config.vit, config.visual_vocab_size, attention_backend)
@@ -62,6 +64,7 @@ class Ovis2_5(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         """Use `"auto"`, `"sdpa"` or `"varlen"` for both the LLM and the ViT."""
+        check_backend_name(backend)
         self.llm.attention_backend = backend
         self.visual_tokenizer.vit.vision_model.attention_backend = backend
 
@@ -83,8 +86,10 @@ class Ovis2_5(nn.Module):
         vte = self.vte.weight
         indicator_first = self.config.visual_vocab_size - len(INDICATOR_IDS)
         is_indicator = (input_ids <= IMAGE_START_ID) & (input_ids >= VIDEO_END_ID)
-        indicator_rows = vte[indicator_first + (IMAGE_START_ID - input_ids).clamp(0, len(INDICATOR_IDS) - 1)]
-        embeds = torch.where(is_indicator[..., None], indicator_rows.to(embeds.dtype), embeds)
+        indicator_offsets = IMAGE_START_ID - input_ids[is_indicator]
+        if indicator_offsets.numel():
+            indicator_rows = vte[indicator_first + indicator_offsets].to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_indicator[..., None], indicator_rows)
 
         is_atom = input_ids == VISUAL_ATOM_ID
         atoms = int(is_atom.sum())
