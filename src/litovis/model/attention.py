@@ -1,0 +1,254 @@
+"""One attention entry point for the ViT (bidirectional, per image) and the LLM (causal).
+
+A forward pass first describes *who may attend to whom* once, as an `AttentionLayout`, then
+every layer calls `attend(q, k, v, layout)`. Three layouts exist:
+
+- packed (`packed_layout`): one row `[1, T]` holding several sequences delimited by `cu_seqlens`;
+  attention never crosses a boundary. Used by training (causal) and by the ViT (bidirectional,
+  one sequence per image or video frame).
+- padded (`padded_layout`): a batch `[B, T]` with a 0/1 `attention_mask`; also covers decoding
+  against a static KV cache, where queries sit at given cache slots.
+
+Backends: `"varlen"` runs packed layouts through a variable-length flash kernel on CUDA
+(`torch.nn.attention.varlen.varlen_attn` when this torch has it, otherwise flash-attn's
+`flash_attn_varlen_func` when installed); `"sdpa"` uses `scaled_dot_product_attention` with a
+boolean mask built from the layout (exact on any device, the CPU path). `"auto"` picks varlen when
+it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are). Asking
+explicitly for a backend that cannot run raises.
+
+Grouped-query attention: K/V keep their own head count where the kernel accepts it
+(varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask); otherwise K/V heads
+are repeated.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+BackendName = Literal["auto", "sdpa", "varlen"]
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", "varlen")
+
+
+def _find_torch_varlen() -> tuple[Callable | None, frozenset[str]]:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _find_flash_attn() -> Callable | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+_TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _find_torch_varlen()
+_FLASH_ATTN_VARLEN = _find_flash_attn()
+
+
+def varlen_kernel_name() -> str | None:
+    """Which variable-length kernel this installation offers (`None` when neither exists)."""
+    if _TORCH_VARLEN is not None:
+        return "torch.nn.attention.varlen.varlen_attn"
+    if _FLASH_ATTN_VARLEN is not None:
+        return "flash_attn.flash_attn_varlen_func"
+    return None
+
+
+def check_backend_name(name: str) -> None:
+    """Raise early on a misspelt backend name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention will really run in: autocast's when autocast is on for this device."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn `"auto"`/`"sdpa"`/`"varlen"` into the backend that will run on this device and dtype.
+
+    Raises when `"varlen"` is asked for explicitly but cannot run here.
+    """
+    check_backend_name(requested)
+    dtype = _compute_dtype(device, dtype)
+    if requested == "sdpa":
+        return "sdpa"
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"it needs a CUDA device (got {device.type})")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"it needs float16/bfloat16 tensors (got {dtype})")
+    if varlen_kernel_name() is None:
+        reasons.append("neither torch.nn.attention.varlen nor flash_attn is installed")
+    if not reasons:
+        return "varlen"
+    if requested == "varlen":
+        raise RuntimeError("attention backend 'varlen' is unavailable: " + "; ".join(reasons))
+    return "sdpa"
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Who may attend to whom in one forward pass; built once, shared by every layer.
+
+    Exactly one of (`cu_seqlens`, `max_seqlen`) for the varlen backend, or `mask` (or neither,
+    for one unmasked sequence) for SDPA, is set.
+    """
+
+    causal: bool
+    """Queries attend only to keys at earlier or equal positions."""
+    backend: str
+    """`"varlen"` or `"sdpa"` (already resolved)."""
+    cu_seqlens: torch.Tensor | None = None
+    """int32 `[S + 1]` sequence boundaries of a packed row (varlen backend)."""
+    max_seqlen: int | None = None
+    """Longest sequence of a packed row (varlen backend)."""
+    mask: torch.Tensor | None = None
+    """bool `[B or 1, 1, Tq, Tk]`, True where a query may attend a key (SDPA backend)."""
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Index of the packed sequence each of the `total` positions belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+def packed_layout(
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    total: int,
+    *,
+    causal: bool,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AttentionLayout:
+    """Layout for one packed row of `total` positions split by `cu_seqlens` (int `[S + 1]`)."""
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    resolved = resolve_backend(backend, device, dtype)
+    if resolved == "varlen":
+        return AttentionLayout(causal=causal, backend="varlen", cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))
+    if cu_seqlens.numel() == 2:
+        # One sequence: no mask at all lets SDPA pick its fastest kernel.
+        return AttentionLayout(causal=causal, backend="sdpa")
+    seg = segment_ids(cu_seqlens, total)
+    mask = seg[:, None] == seg[None, :]
+    if causal:
+        mask = mask.tril()
+    return AttentionLayout(causal=causal, backend="sdpa", mask=mask[None, None])
+
+
+def padded_layout(
+    key_mask: torch.Tensor,
+    *,
+    causal: bool,
+    query_slots: torch.Tensor | None = None,
+) -> AttentionLayout:
+    """Layout for a padded batch (always SDPA).
+
+    `key_mask` `[B, Tk]` marks real keys (1/True) versus padding or unwritten cache slots.
+    `query_slots` `[Tq]` are the key indices the queries sit at (default: all `Tk` positions,
+    i.e. no cache). Every query may also attend to its own slot, so a padding query never
+    faces an all-masked row (its output is finite and ignored).
+    """
+    key_mask = key_mask.bool()
+    key_slots = torch.arange(key_mask.shape[1], device=key_mask.device)
+    if query_slots is None:
+        query_slots = key_slots
+    allowed = key_mask[:, None, :]
+    if causal:
+        allowed = allowed & (key_slots[None, None, :] <= query_slots[None, :, None])
+    allowed = allowed | (key_slots[None, None, :] == query_slots[None, :, None])
+    return AttentionLayout(causal=causal, backend="sdpa", mask=allowed[:, None])
+
+
+def _repeat_kv(x: torch.Tensor, groups: int, head_dim_axis: int) -> torch.Tensor:
+    """Repeat each K/V head `groups` times along the head axis (axis before `head_dim_axis`)."""
+    return x if groups == 1 else torch.repeat_interleave(x, groups, dim=head_dim_axis - 1)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    """q `[T, Hq, D]`, k/v `[T, Hkv, D]` -> `[T, Hq, D]` through a variable-length flash kernel."""
+    cu, max_len = layout.cu_seqlens, layout.max_seqlen
+    # Flash kernels are not autocast-aware: bring q, k, v to the one dtype they run in.
+    dtype = _compute_dtype(q.device, q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    groups = q.shape[1] // k.shape[1]
+    if _TORCH_VARLEN is not None:
+        params = _TORCH_VARLEN_PARAMS
+        kwargs: dict = {}
+        if "is_causal" in params:
+            kwargs["is_causal"] = layout.causal
+        elif "window_size" in params:
+            kwargs["window_size"] = (-1, 0) if layout.causal else (-1, -1)
+        elif layout.causal:
+            raise RuntimeError("this torch's varlen_attn offers no causal option")
+        if "scale" in params:
+            kwargs["scale"] = scale
+        elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+            raise RuntimeError("this torch's varlen_attn offers no scale option")
+        if groups > 1 and "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        elif groups > 1:
+            k, v = _repeat_kv(k, groups, 2), _repeat_kv(v, groups, 2)
+        return _TORCH_VARLEN(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    if _FLASH_ATTN_VARLEN is None:
+        raise RuntimeError("attention backend 'varlen' is unavailable: no variable-length kernel installed")
+    return _FLASH_ATTN_VARLEN(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=layout.causal)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    """q `[B, Tq, Hq, D]`, k/v `[B, Tk, Hkv, D]` -> `[B, Tq, Hq, D]` through SDPA."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    groups = q.shape[1] // k.shape[1]
+    mask = layout.mask
+    # SDPA's own GQA runs on CPU and in the flash kernel (no mask); the masked CUDA kernels
+    # need K/V heads repeated.
+    native_gqa = q.device.type == "cpu" or mask is None
+    if groups > 1 and not native_gqa:
+        k, v = _repeat_kv(k, groups, 3), _repeat_kv(v, groups, 3)
+    out = F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=mask,
+        is_causal=layout.causal and mask is None,
+        scale=scale,
+        enable_gqa=groups > 1 and native_gqa,
+    )
+    return out.transpose(1, 2)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: AttentionLayout,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of q `[B, Tq, Hq, D]` over k, v `[B, Tk, Hkv, D]`; returns `[B, Tq, Hq, D]`.
+
+    `Hq` must be a multiple of `Hkv` (grouped-query attention). `scale` defaults to `D ** -0.5`.
+    The varlen backend needs a packed layout (`B == 1`).
+    """
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if layout.backend == "varlen":
+        if q.shape[0] != 1:
+            raise ValueError(f"the varlen backend needs a packed batch of one row, got {q.shape[0]} rows")
+        return _varlen(q[0], k[0], v[0], layout, scale).unsqueeze(0)
+    return _sdpa(q, k, v, layout, scale)

@@ -1,0 +1,106 @@
+"""The attention entry point: packed, padded and cached layouts against a plain per-sample loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from litovis.model import attention
+from litovis.model.attention import attend, packed_layout, padded_layout, resolve_backend
+
+CPU = torch.device("cpu")
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Textbook softmax attention of one sequence: q `[T, Hq, D]`, k/v `[T, Hkv, D]`."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    if causal:
+        length = q.shape[0]
+        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def _qkv(total: int, heads: int = 4, kv_heads: int = 2, dim: int = 8, batch: int = 1):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, total, heads, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, total, kv_heads, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, total, kv_heads, dim, generator=gen, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", [[5, 3, 7], [9]])
+def test_packed_sdpa_equals_per_sample_loop(causal: bool, lengths: list[int]) -> None:
+    total = sum(lengths)
+    q, k, v = _qkv(total)
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    layout = packed_layout(cu, max(lengths), total, causal=causal, backend="sdpa", device=CPU, dtype=q.dtype)
+    out = attend(q, k, v, layout)[0]
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = reference_attention(q[0, start:end], k[0, start:end], v[0, start:end], causal)
+        torch.testing.assert_close(out[start:end], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_batch_equals_each_row_alone(causal: bool) -> None:
+    q, k, v = _qkv(6, batch=3)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    out = attend(q, k, v, padded_layout(mask, causal=causal))
+    assert torch.isfinite(out).all()
+    for row in range(3):
+        real = mask[row].bool()
+        expected = reference_attention(q[row, real], k[row, real], v[row, real], causal)
+        torch.testing.assert_close(out[row, real], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cached_queries_see_only_valid_earlier_slots() -> None:
+    q, k, v = _qkv(8, batch=2)
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    slots = torch.tensor([4, 5])  # two new queries written at slots 4 and 5
+    layout = padded_layout(valid, causal=True, query_slots=slots)
+    out = attend(q[:, :2], k, v, layout)
+    for row in range(2):
+        for i, slot in enumerate(slots.tolist()):
+            keys = valid[row].clone()
+            keys[slot + 1:] = False
+            expected = reference_attention(q[row, i:i + 1], k[row, keys], v[row, keys], causal=False)
+            torch.testing.assert_close(out[row, i:i + 1], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_unequal_heads_must_divide() -> None:
+    q, k, v = _qkv(4, heads=3, kv_heads=2)
+    with pytest.raises(ValueError, match="multiple"):
+        attend(q, k, v, padded_layout(torch.ones(1, 4), causal=True))
+
+
+def test_backend_resolution_on_cpu() -> None:
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "sdpa"
+    assert resolve_backend("sdpa", CPU, torch.float32) == "sdpa"
+    with pytest.raises(RuntimeError, match="varlen.*CUDA"):
+        resolve_backend("varlen", CPU, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash", CPU, torch.float32)
+
+
+def test_varlen_layout_refuses_padded_batches() -> None:
+    layout = attention.AttentionLayout(causal=True, backend="varlen", cu_seqlens=torch.tensor([0, 4]), max_seqlen=4)
+    q, k, v = _qkv(4, batch=2)
+    with pytest.raises(ValueError, match="one row"):
+        attend(q, k, v, layout)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel_name() is None,
+                    reason="needs CUDA and a variable-length attention kernel")
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_equals_sdpa_on_gpu(causal: bool) -> None:
+    lengths = [37, 5, 90]
+    total = sum(lengths)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(total, heads=8, kv_heads=2, dim=64))
+    cu = torch.tensor([0, *lengths], device="cuda").cumsum(0)
+    device = torch.device("cuda")
+    fast = attend(q, k, v, packed_layout(cu, 90, total, causal=causal, backend="varlen", device=device, dtype=q.dtype))
+    exact = attend(q, k, v, packed_layout(cu, 90, total, causal=causal, backend="sdpa", device=device, dtype=q.dtype))
+    torch.testing.assert_close(fast, exact, rtol=2e-2, atol=2e-2)
