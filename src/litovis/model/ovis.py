@@ -9,7 +9,7 @@ batch or a packed row (see the batch contract in BRIEF/DESIGN):
   visual atom of `pixel_values` (the images in the order of their spans).
 
 The merge is out of place (`masked_scatter` returns new tensors), so no leaf output is written
-in place. FLOP counts for MFU are plain functions of the config at the bottom.
+in place. FLOP counts for MFU live in `litovis.model.flops`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from litovis.model.attention import check_backend_name
-from litovis.model.config import LLMConfig, OvisConfig, ViTConfig
+from litovis.model.config import OvisConfig
 from litovis.model.generation import GenerationConfig, generate
 from litovis.model.qwen3 import Qwen3ForCausalLM
 from litovis.model.tokens import (
@@ -172,10 +172,6 @@ class Ovis2_5(nn.Module):
         parts["total"] = count(self)
         return parts
 
-    def flops_per_token(self, context_len: float) -> float:
-        """LLM forward FLOPs per token for a sample of `context_len` tokens (see `llm_forward_flops_per_token`)."""
-        return llm_forward_flops_per_token(self.config.llm, context_len)
-
 
 def _check_placeholders(input_ids: torch.Tensor) -> None:
     """Reject unexpanded image/video placeholders and unknown negative ids."""
@@ -199,34 +195,3 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)
-
-
-def llm_matmul_params(config: LLMConfig) -> int:
-    """Weights used in matmuls per token: every projection of every layer plus the output head."""
-    attention = config.hidden_size * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = 3 * config.hidden_size * config.intermediate_size
-    return config.num_hidden_layers * (attention + mlp) + config.vocab_size * config.hidden_size
-
-
-def llm_forward_flops_per_token(config: LLMConfig, context_len: float) -> float:
-    """Forward FLOPs per token: 2 x matmul params + causal attention over a `context_len` sample.
-
-    Causal attention averages `context_len / 2` keys per query; QK^T and AV cost 2 FLOPs per
-    multiply-add each: `4 * layers * heads * head_dim * context_len / 2`.
-    """
-    attention = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * context_len
-    return 2.0 * llm_matmul_params(config) + attention
-
-
-def vit_forward_flops_per_patch(config: ViTConfig, frame_patches: float) -> float:
-    """ViT forward FLOPs per patch when each frame has `frame_patches` patches (bidirectional)."""
-    per_layer = 4 * config.hidden_size ** 2 + 2 * config.hidden_size * config.intermediate_size
-    embed = config.num_channels * config.patch_size ** 2 * config.hidden_size
-    attention = 4 * config.num_hidden_layers * config.hidden_size * frame_patches
-    return 2.0 * (config.num_hidden_layers * per_layer + embed) + attention
-
-
-def visual_head_forward_flops_per_atom(config: OvisConfig) -> float:
-    """Visual head + VTE forward FLOPs per visual atom."""
-    head = config.vit.hidden_size * config.vit.hidden_stride ** 2 * config.visual_head_size
-    return 2.0 * (head + config.visual_vocab_size * config.hidden_size)

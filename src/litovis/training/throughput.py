@@ -2,7 +2,7 @@
 
 Times are wall-clock between optimizer-step ends (the loss logging already synchronises once per
 step), counts are summed over the step's micro-batches and over ranks. FLOPs follow
-`litovis.training.flops`; MFU's denominator is `peak_tflops` or, on CUDA, a bf16 matmul rate
+`litovis.model.flops`; MFU's denominator is `peak_tflops` or, on CUDA, a bf16 matmul rate
 measured once at the start of training on the same GPU.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from litovis.training.flops import measure_matmul_tflops, training_flops
+from litovis.model.flops import measure_matmul_tflops, training_flops
 
 
 class ThroughputLogger(L.Callback):
