@@ -102,12 +102,10 @@ class MemoryConfig:
     Attributes:
         gradient_checkpointing: recompute activations of decoder layers in backward: `true` = all
             LLM layers, `false` = none, an int k = the first k layers (the rest keep activations).
-        vit_checkpointing: also checkpoint the ViT layers (only matters when the ViT trains).
         compile: `torch.compile` each decoder layer.
     """
 
     gradient_checkpointing: bool | int = True
-    vit_checkpointing: bool = False
     compile: bool = False
 
 

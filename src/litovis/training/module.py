@@ -117,9 +117,14 @@ class OvisFineTuner(L.LightningModule):
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-        ovis.configure_activation_checkpointing(self.memory.gradient_checkpointing, vit=self.memory.vit_checkpointing)
+        checkpointing = self.memory.gradient_checkpointing
+        if isinstance(checkpointing, bool):
+            ovis.llm.set_gradient_checkpointing(checkpointing)
+        else:
+            ovis.llm.set_gradient_checkpointing(True, num_layers=checkpointing)
         if self.memory.compile:
-            ovis.compile_layers()
+            for layer in ovis.llm.model.layers:
+                layer.compile()
         self.model = model
 
     @property
