@@ -85,7 +85,7 @@ class OvisFineTuner(L.LightningModule):
         self._pissa_pending = False
         self._train_stats: TokenStats | None = None
         self._val_stats: TokenStats | None = None
-        self._loss_ema: float | None = None
+        self._ce_ema: float | None = None
         self._logged_step = -1
 
     # ------------------------------------------------------------------ model
@@ -229,12 +229,13 @@ class OvisFineTuner(L.LightningModule):
             stats = self._train_stats
             stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             logs = stats.means("train", self.task_names)
-            loss = logs.get("train/loss", float("nan"))
-            self._loss_ema = loss if self._loss_ema is None else 0.98 * self._loss_ema + 0.02 * loss
-            logs["train/loss_ema"] = self._loss_ema
+            # The EMA follows CE, which stays comparable across the CE -> DFT switch.
+            ce = logs.get("train/ce", float("nan"))
+            self._ce_ema = ce if self._ce_ema is None else 0.98 * self._ce_ema + 0.02 * ce
+            logs["train/ce_ema"] = self._ce_ema
             logs["train/dft_active"] = float(self.loss_kind == "dft")
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
-            self.log("loss", self._loss_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+            self.log("ce_ema", self._ce_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
             stats.reset()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
