@@ -111,6 +111,10 @@ def test_test_split_keeps_row_ids_and_one_sample_per_text_qa_row(tmp_path):
     assert multi.fields["template"] == "text_qa_multi"
     assert samples[5].fields == {"text": "P", "question": "Only one?"}
     assert samples[6].fields["question"] == "A plain question?"
+    blank = [{"task": "text_qa", "input_type": "text", "input": "P", "question": "['Why?', ' ']"}]
+    report = DropReport()
+    assert read_challenge(write_parquet(blank, tmp_path / "blank.parquet"), "test", report) == []
+    assert report.counts == {("read", "empty question"): 1}
 
 
 def test_missing_file_and_columns_raise_clear_errors(tmp_path):

@@ -51,6 +51,7 @@ def test_failures_are_dropped_and_counted_by_reason(tmp_path, http_server):
         _s(3, http_server + "/to-file"), _s(4, "not base64 !!"), _s(5, "gone/away.jpg"),
         _s(6, "ftp://h/a.jpg"), _s(7, b"\x89PNG but broken"), _s(8, http_server + "/slow"),
         _s(9, http_server + "/ok.png"), _s(10, http_server + "/ok.png", http_server + "/missing"),
+        _s(11, ["not", "a", "reference"]),
     ]
     options = FetchOptions(workers=8, timeout=0.2, retries=0, max_bytes=100_000, progress=False)
     out, report = fetch_images(samples, tmp_path / "imgs", options)
@@ -58,7 +59,7 @@ def test_failures_are_dropped_and_counted_by_reason(tmp_path, http_server):
     assert {e.source: e.reason for e in report.examples} == {
         "f:0": "http 404", "f:1": "corrupt image", "f:2": "too large", "f:3": "bad scheme",
         "f:4": "base64 error", "f:5": "missing file", "f:6": "bad scheme", "f:7": "corrupt image",
-        "f:8": "timeout", "f:10": "http 404"}
+        "f:8": "timeout", "f:10": "http 404", "f:11": "bad image reference"}
     assert report.seen == len(samples) == len(out) + report.dropped
     assert http_server.hits["/missing"] == 1  # fetched once for the two samples that use it
 

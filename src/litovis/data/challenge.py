@@ -137,6 +137,8 @@ def _row_samples(row: dict[str, Any], index: int, source: str, split: str) -> li
         base.group = str(index)
         if split == "test":
             questions = [q.strip() for q in parse_questions(row["question"])]
+            if not all(questions):
+                raise RowError("empty question", f"questions: {questions!r:.120}")
             if len(questions) == 1:
                 base.fields["question"] = questions[0]
             else:

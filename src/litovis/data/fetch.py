@@ -184,27 +184,33 @@ def materialise(ref: Any, image_dir: Path, options: FetchOptions) -> str:
 
 
 class _Progress:
-    """One stderr line, rewritten at most every 0.2 s."""
+    """One stderr line rewritten in place on a terminal; a plain line every 10 s in a log file."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled = total, enabled
         self.done = self.failed = 0
-        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+        self._interval = 0.2 if self._tty else 10.0
+        self._last = time.monotonic()
 
     def step(self, failed: bool) -> None:
         self.done += 1
         self.failed += failed
         now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or self.done == self.total):
+        finished = self.done == self.total
+        if self.enabled and (now - self._last > self._interval or finished):
             self._last = now
-            sys.stderr.write(f"\rfetch images: {self.done}/{self.total} ({self.failed} failed)")
-            if self.done == self.total:
-                sys.stderr.write("\n")
+            line = f"fetch images: {self.done}/{self.total} ({self.failed} failed)"
+            end = "\n" if finished or not self._tty else ""
+            sys.stderr.write(("\r" if self._tty else "") + line + end)
             sys.stderr.flush()
 
 
 def _ref_key(ref: Any) -> Any:
-    return bytes(ref) if isinstance(ref, (bytearray, memoryview)) else ref
+    """A hashable key per distinct reference (any unexpected type still gets one)."""
+    if isinstance(ref, (bytearray, memoryview)):
+        return bytes(ref)
+    return ref if isinstance(ref, (str, bytes)) else (type(ref).__name__, repr(ref))
 
 
 def fetch_images(
@@ -230,20 +236,27 @@ def fetch_images(
     options = options or FetchOptions()
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    unique: dict[Any, None] = {}
+    unique: dict[Any, Any] = {}  # key -> the reference itself
     for sample in samples:
         for ref in sample.images:
-            unique.setdefault(_ref_key(ref), None)
+            unique.setdefault(_ref_key(ref), ref)
     results: dict[Any, str | FetchError] = {}
     progress = _Progress(len(unique), options.progress and bool(unique))
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        futures = {pool.submit(materialise, ref, image_dir, options): ref for ref in unique}
-        for future in as_completed(futures):
-            try:
-                results[futures[future]] = future.result()
-            except FetchError as err:
-                results[futures[future]] = err
-            progress.step(isinstance(results[futures[future]], FetchError))
+        futures = {
+            pool.submit(materialise, ref, image_dir, options): key for key, ref in unique.items()
+        }
+        try:
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except FetchError as err:
+                    results[futures[future]] = err
+                progress.step(isinstance(results[futures[future]], FetchError))
+        except BaseException:  # disk full, Ctrl-C...: stop queued work instead of finishing it
+            for future in futures:
+                future.cancel()
+            raise
 
     report = DropReport(max_examples=None if on_failure == "raise" else 5)
     kept: list[Sample] = []
