@@ -131,6 +131,8 @@ def download(
             return _get_once(url, timeout, max_bytes, user_agent)
         except (DownloadError, urllib.error.URLError, http.client.HTTPException, OSError) as err:
             failure = _classify(err)
+            if isinstance(err, urllib.error.HTTPError):
+                err.close()  # an HTTPError holds the open response
             if not failure.transient or attempt == retries:
                 raise failure from None
             wait = backoff * 2**attempt
