@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from PIL import Image
@@ -184,3 +186,30 @@ def test_missing_image_path_is_named(processor, tmp_path):
     missing = tmp_path / "gone.png"
     with pytest.raises(ImageLoadError, match="image 0 .*gone.png"):
         processor([{"role": "user", "content": "<image>?"}], [missing])
+
+
+def test_measure_equals_the_processed_sample(tiny_tokenizer) -> None:
+    """Lengths and target counts from image headers alone match full processing."""
+
+    from litovis.processing.image import read_image_size
+
+    processor = OvisProcessor(tiny_tokenizer, min_pixels=32 * 32, max_pixels=256 * 256)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: width and height swap when loaded
+    Image.new("RGB", (160, 64), "red").save(rotated, format="JPEG", exif=exif)
+    plain = io.BytesIO()
+    Image.new("RGB", (300, 100), "blue").save(plain, format="PNG")
+    images = [rotated.getvalue(), plain.getvalue()]
+    messages = [
+        {"role": "user", "content": "<image> and <image> differ how?"},
+        {"role": "assistant", "content": "one is red, one is blue"},
+    ]
+    processed = processor(messages, images)
+    sizes = [read_image_size(image) for image in images]
+    assert sizes[0] == (160, 64)
+    length, targets = processor.measure(messages, sizes)
+    assert length == len(processed)
+    assert targets == int((processed.labels[1:] != -100).sum())
+    prompt = processor(messages[:1], images, add_generation_prompt=True)
+    assert processor.measure(messages[:1], sizes, add_generation_prompt=True)[0] == len(prompt)

@@ -209,6 +209,29 @@ def load_image(
         raise ImageLoadError(f"{label}: cannot read image: {err}") from err
 
 
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def read_image_size(source: str | PathLike | bytes, *, name: str | None = None) -> tuple[int, int]:
+    """(height, width) as `load_image` would return it, read from the header alone (no decoding).
+
+    Accounts for EXIF rotation, so token counts computed from it match the processed image.
+    """
+    label = _describe(source, name)
+    stream = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream) as opened:
+                width, height = opened.size
+                orientation = opened.getexif().get(0x0112, 1)
+    except FileNotFoundError as err:
+        raise ImageLoadError(f"{label}: no such file") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(f"{label}: cannot read image header: {err}") from err
+    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
+
+
 def normalize_pixels(image: Image.Image) -> np.ndarray:
     """RGB image -> float32 array [3, H, W] rescaled by 1/255 and normalized (mean 0.5, std 0.5)."""
     if image.mode != "RGB":

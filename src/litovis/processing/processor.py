@@ -188,6 +188,37 @@ class OvisProcessor:
             num_visual_atoms=atoms,
         )
 
+    def measure(
+        self,
+        messages: Sequence[Mapping[str, object]],
+        image_sizes: Sequence[tuple[int, int]],
+        add_generation_prompt: bool = False,
+        enable_thinking: bool = False,
+    ) -> tuple[int, int]:
+        """(tokens, trained targets) of a sample without touching pixels, from source image sizes.
+
+        Equals `len(self(...))` and the number of labels != -100 after the first position, so
+        batches can be budgeted before any image is decoded.
+        """
+        if count_image_markers(messages) != len(image_sizes):
+            raise ImageCountError(
+                f"conversation has {count_image_markers(messages)} <image> marker(s) but {len(image_sizes)} image size(s)"
+            )
+        chat = tokenize_chat(
+            messages,
+            self.tokenizer,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            think_block=self.think_block,
+        )
+        length = len(chat.input_ids)
+        patch = self.image_preprocessor.patch_size
+        for height, width in image_sizes:
+            h, w = self.image_preprocessor.target_size(height, width)
+            length += self.num_atoms((1, h // patch, w // patch)) + 1  # the placeholder becomes atoms + 2
+        targets = sum(1 for label in chat.labels[1:] if label != IGNORE_INDEX)
+        return length, targets
+
     def _expand(
         self, ids: list[int], labels: list[int], grids: list[tuple[int, int, int]]
     ) -> tuple[list[int], list[int], int]:
