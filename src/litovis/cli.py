@@ -21,11 +21,10 @@ TOOL_COMMANDS = ("prepare", "evaluate", "export")
 
 
 class LitovisCLI(LightningCLI):
-    """LightningCLI with the data module wired to the model's source and task list."""
+    """LightningCLI with the data module wired to the model's source (tokenizer, image geometry)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.source", "data.source")
-        parser.link_arguments("data.task_names", "model.task_names", apply_on="instantiate")
 
 
 def lightning_main(args: list[str] | None = None) -> LitovisCLI:

@@ -1,0 +1,277 @@
+"""`OvisDataModule`: prepared samples → packed, token-budgeted, resumable mixed-task batches.
+
+Notable:
+- `prepare_data` runs `litovis prepare` itself when `prepare:` is configured and the prepared files
+  are missing or were made from another configuration (a fingerprint is stored beside them).
+- The tokenizer and image geometry come from the model's `source` (linked by the CLI), so they
+  cannot disagree with the model.
+- Every sample is measured exactly up front (text + image headers); over-long train/val samples
+  are dropped and reported, test samples are never dropped.
+- Training batches pack several samples into one row with no padding, within a token budget, and
+  resume mid-epoch exactly (`ResumableDataLoader`); under DDP each rank gets its own shard
+  (set `trainer.use_distributed_sampler: false`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from litovis.data.batching import collate_packed
+from litovis.data.dataset import MeasuredSamples, SampleDataset, measure_samples
+from litovis.data.drops import DropReport
+from litovis.data.loader import ResumableDataLoader
+from litovis.data.prepare import PrepareConfig, load_prepared, run_prepare
+from litovis.data.prompts import load_templates
+from litovis.data.sampler import TokenBudgetBatchSampler
+from litovis.processing.processor import OvisProcessor
+from litovis.training.config import ModelSource
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "prepare_config.json"
+
+
+@dataclass
+class ProcessingConfig:
+    """How samples become tokens.
+
+    Attributes:
+        min_pixels: smallest resized image area (official: 448·448).
+        max_pixels: largest resized image area (official inference 1792·1792; the reference run
+            trained with 2,408,448).
+        max_length: longest sample in tokens after image expansion; longer train/val samples are
+            dropped (never truncated), longer test prompts are an error.
+        think_block: `masked` (official: empty think block present, not trained), `trained` or
+            `omitted` (ms-swift style).
+        enable_thinking: let the model think before answering in generation prompts.
+    """
+
+    min_pixels: int = 448 * 448
+    max_pixels: int = 1792 * 1792
+    max_length: int = 8192
+    think_block: str = "masked"
+    enable_thinking: bool = False
+
+
+@dataclass
+class BatchingConfig:
+    """How samples become batches.
+
+    Attributes:
+        max_tokens: token budget of one training micro-batch (all samples packed in one row).
+        max_samples: cap on samples per micro-batch (the reference run: 8); None = budget only.
+        mixing: `natural` (every sample once per epoch) or `{task: weight}` sampling weights.
+        epoch_samples: samples drawn per epoch under weight mixing (default: all).
+        bucket_budgets: pack best-fit within buckets of this many budgets (less waste, a little
+            less randomness); None = next-fit in shuffled order.
+        val_max_tokens: token budget of a validation batch (default: `max_tokens`).
+        predict_batch_size: prompts generated together.
+        predict_max_tokens: prompt-token budget of one generation batch (prefill memory).
+    """
+
+    max_tokens: int = 16384
+    max_samples: int | None = None
+    mixing: str | dict[str, float] = "natural"
+    epoch_samples: int | None = None
+    bucket_budgets: int | None = 64
+    val_max_tokens: int | None = None
+    predict_batch_size: int = 64
+    predict_max_tokens: int = 131072
+
+
+class OvisDataModule(L.LightningDataModule):
+    """Mixed-task data for Ovis2.5 fine-tuning and prediction.
+
+    Args:
+        source: the model's source (linked from `model.source` by the CLI).
+        prepared_dir: directory with `train/val/test.parquet` (default: `prepare.output_dir`).
+        prepare: preparation settings; when given, `prepare_data` (re)builds `prepared_dir` as needed.
+        prompts: task prompt templates (YAML), used identically for training and inference.
+        processing: image and token settings.
+        batching: batch formation settings.
+        num_workers: DataLoader worker processes (image decoding runs there).
+        seed: seed of the training order (same on every rank).
+    """
+
+    def __init__(
+        self,
+        source: ModelSource | None = None,
+        prepared_dir: str | None = None,
+        prepare: PrepareConfig | None = None,
+        prompts: str = "configs/prompts.yaml",
+        processing: ProcessingConfig | None = None,
+        batching: BatchingConfig | None = None,
+        num_workers: int = 2,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if prepared_dir is None and prepare is None:
+            raise ValueError("give data.prepared_dir (prepared parquet files) or data.prepare (how to make them)")
+        if prepared_dir is not None and prepare is not None and Path(prepared_dir) != Path(prepare.output_dir):
+            raise ValueError(f"data.prepared_dir {prepared_dir} differs from data.prepare.output_dir {prepare.output_dir}")
+        self.source = source
+        self.prepared_dir = Path(prepared_dir if prepared_dir is not None else prepare.output_dir)
+        self.prepare = prepare
+        self.prompts = prompts
+        self.processing = processing or ProcessingConfig()
+        self.batching = batching or BatchingConfig()
+        self.num_workers = num_workers
+        self.seed = seed
+        self.task_names: list[str] = []
+        self.report = DropReport()
+        self.processor: OvisProcessor | None = None
+        self._splits: dict[str, MeasuredSamples] = {}
+        self._train_sampler: TokenBudgetBatchSampler | None = None
+
+    # ----------------------------------------------------------- preparation
+    def prepare_data(self) -> None:
+        if self.prepare is None:
+            return
+        fingerprint = json.dumps(asdict(self.prepare), sort_keys=True, default=str)
+        stamp = self.prepared_dir / FINGERPRINT
+        if stamp.exists() and stamp.read_text() == fingerprint:
+            return
+        log.info("preparing data into %s", self.prepared_dir)
+        run_prepare(self.prepare)
+        stamp.write_text(fingerprint)
+
+    def setup(self, stage: str) -> None:
+        if self.processor is None:
+            self.processor = build_processor(self.source, self.processing)
+        templates = load_templates(self.prompts)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("val",), "predict": ("test",)}[stage]
+        for split in wanted:
+            if split in self._splits:
+                continue
+            path = self.prepared_dir / f"{split}.parquet"
+            if not path.exists():
+                if split == "val" and stage == "fit":
+                    continue
+                raise FileNotFoundError(f"{path} not found: run `litovis prepare` or set data.prepare")
+            samples = load_prepared(path)
+            generation = split == "test"
+            self._splits[split] = measure_samples(
+                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{split}"
+            )
+        self.templates = templates
+        tasks = {s.task for split in ("train", "val") if split in self._splits for s in self._splits[split].samples}
+        self.task_names = sorted(tasks)
+        if self.report.dropped:
+            log.warning("samples dropped while measuring:\n%s", self.report.format_table())
+
+    # ------------------------------------------------------------- training
+    def _world(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0, 1
+        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+
+    def train_sampler(self) -> TokenBudgetBatchSampler:
+        """The training batch sampler (built once; its length sets the LR schedule)."""
+        if self._train_sampler is None:
+            train = self._splits["train"]
+            world, rank, accumulate = self._world()
+            self._train_sampler = TokenBudgetBatchSampler(
+                train.lengths,
+                [s.task for s in train.samples],
+                max_tokens=self.batching.max_tokens,
+                max_samples=self.batching.max_samples,
+                accumulate=accumulate,
+                mixing=self.batching.mixing,
+                epoch_samples=self.batching.epoch_samples,
+                num_targets=train.num_targets,
+                shuffle=True,
+                bucket_budgets=self.batching.bucket_budgets,
+                num_replicas=world,
+                rank=rank,
+                seed=self.seed,
+            )
+        return self._train_sampler
+
+    def optimizer_steps_per_epoch(self, accumulate: int) -> int:
+        """Optimizer steps in one epoch on each rank."""
+        return -(-len(self.train_sampler()) // accumulate)
+
+    def _loader(self, split: str, sampler: TokenBudgetBatchSampler) -> ResumableDataLoader:
+        dataset = SampleDataset(self._splits[split].samples, self.processor, self.templates)
+        return ResumableDataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=partial(collate_packed, task_vocab=self.task_names),
+            num_workers=self.num_workers,
+            pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return self._loader("train", self.train_sampler())
+
+    def val_dataloader(self) -> ResumableDataLoader | list:
+        if "val" not in self._splits:
+            return []
+        val = self._splits["val"]
+        world, rank, _ = self._world()
+        sampler = TokenBudgetBatchSampler(
+            val.lengths,
+            [s.task for s in val.samples],
+            max_tokens=self.batching.val_max_tokens or self.batching.max_tokens,
+            max_samples=self.batching.max_samples,
+            num_targets=val.num_targets,
+            shuffle=False,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+        )
+        return self._loader("val", sampler)
+
+    def test_dataloader(self) -> ResumableDataLoader | list:
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "task_names": list(self.task_names)}
+
+
+def build_processor(source: ModelSource | None, processing: ProcessingConfig) -> OvisProcessor:
+    """The processor matching `source`: its tokenizer and its ViT's patch geometry."""
+    if source is None:
+        raise ValueError("data.source is not set: run through the litovis CLI (it links model.source) or pass it")
+    from litovis.model.config import OvisConfig
+    from litovis.model.presets import preset
+
+    if source.checkpoint is not None:
+        from litovis.model.checkpoint import resolve_checkpoint_dir
+
+        directory = resolve_checkpoint_dir(source.checkpoint)
+        config = OvisConfig.from_file(Path(directory) / "config.json")
+    else:
+        directory = None
+        config = preset(source.preset)
+    return OvisProcessor(
+        load_tokenizer(source.tokenizer or directory),
+        min_pixels=processing.min_pixels,
+        max_pixels=processing.max_pixels,
+        patch_size=config.vit.patch_size,
+        hidden_stride=config.vit.hidden_stride,
+        max_length=processing.max_length,
+        think_block=processing.think_block,
+    )
+
+
+def load_tokenizer(name: str | Path | None):
+    """A tokenizer directory or repo id from the local cache (never the network); `tiny` = built-in."""
+    if name is None:
+        raise ValueError("no tokenizer: set model.source.tokenizer (or `tiny` with the tiny preset)")
+    if str(name) == "tiny":
+        from litovis.processing.tiny_tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name), local_files_only=True)

@@ -1,0 +1,151 @@
+"""`SampleDataset`: prepared `Sample`s → model inputs, lazily, inside DataLoader workers.
+
+Each item renders the task prompt (`litovis.data.prompts`, the same templates for training and
+inference), loads and patchifies its images and tokenizes the conversation (`OvisProcessor`).
+`measure_samples` computes every sample's exact length and target count up front from text and
+image headers only, so over-long samples are dropped (train/val) or refused (test) before training
+starts, and the batch sampler can budget tokens without decoding a single image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from litovis.data.batching import EncodedSample
+from litovis.data.drops import DropReport
+from litovis.data.prompts import PromptError, Template, render_messages
+from litovis.data.sample import Sample
+from litovis.processing.chat import ConversationError
+from litovis.processing.image import ImageAspectRatioError, ImageLoadError, read_image_size
+from litovis.processing.processor import ImageCountError, OvisProcessor
+
+log = logging.getLogger(__name__)
+
+#: Errors that make one sample unusable without saying anything about the others.
+SAMPLE_ERRORS = (ImageLoadError, ImageAspectRatioError, ImageCountError, ConversationError, PromptError)
+
+
+@dataclass
+class MeasuredSamples:
+    """Samples that fit, with their exact sizes.
+
+    Attributes:
+        samples: kept samples, in input order.
+        lengths: tokens of each kept sample (visual spans included).
+        num_targets: loss-taking tokens of each kept sample.
+    """
+
+    samples: list[Sample]
+    lengths: list[int]
+    num_targets: list[int]
+
+
+class TestSampleError(ValueError):
+    """A test (prediction) sample cannot be processed; test rows are never dropped."""
+
+
+def measure_samples(
+    samples: Sequence[Sample],
+    processor: OvisProcessor,
+    templates: Mapping[str, Template],
+    report: DropReport,
+    generation: bool = False,
+    stage: str = "measure",
+) -> MeasuredSamples:
+    """Exact length and targets of every sample; unusable or over-long ones are dropped and reported.
+
+    With `generation=True` (prompts for prediction) nothing may be dropped: every failure is
+    collected and raised together as `TestSampleError`.
+    """
+    kept = MeasuredSamples([], [], [])
+    failures: list[str] = []
+    limit = processor.max_length
+    for sample in samples:
+        try:
+            messages = render_messages(sample, templates, include_target=not generation)
+            sizes = [read_image_size(image, name=f"{sample.source} image {i}") for i, image in enumerate(sample.images)]
+            length, targets = processor.measure(messages, sizes, add_generation_prompt=generation)
+        except SAMPLE_ERRORS as err:
+            reason, detail = type(err).__name__, str(err)
+        else:
+            if limit is not None and length > limit:
+                reason, detail = "too_long", f"{length} tokens > max_length {limit}"
+            elif not generation and targets == 0:
+                reason, detail = "no_targets", "nothing to train on"
+            else:
+                kept.samples.append(sample)
+                kept.lengths.append(length)
+                kept.num_targets.append(targets)
+                report.keep(stage)
+                continue
+        if generation:
+            failures.append(f"{sample.source or sample.id}: {reason}: {detail}")
+        else:
+            report.drop(stage, reason, sample.source or sample.id, detail)
+    if failures:
+        shown = "\n  ".join(failures[:20])
+        raise TestSampleError(f"{len(failures)} test sample(s) cannot be processed (test rows are never dropped):\n  {shown}")
+    return kept
+
+
+class SampleDataset(Dataset[EncodedSample | None]):
+    """Lazily processed samples.
+
+    Args:
+        samples: prepared samples (images as local paths).
+        processor: the processor matching the model.
+        templates: task prompt templates.
+        generation: build prompts for generation (no target, generation prompt appended).
+        enable_thinking: with `generation`, let the model think before answering.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        processor: OvisProcessor,
+        templates: Mapping[str, Template],
+        generation: bool = False,
+        enable_thinking: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.processor = processor
+        self.templates = templates
+        self.generation = generation
+        self.enable_thinking = enable_thinking
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> EncodedSample | None:
+        sample = self.samples[index]
+        try:
+            return self.encode(sample)
+        except ImageLoadError as err:
+            if self.generation:
+                raise
+            # The header was readable when measured but the body is not: skip it, loudly.
+            log.warning("skipping sample %s: %s", sample.id, err)
+            return None
+
+    def encode(self, sample: Sample) -> EncodedSample:
+        """Process one sample into model inputs (errors name the sample's source)."""
+        messages = render_messages(sample, self.templates, include_target=not self.generation)
+        processed = self.processor(
+            messages,
+            sample.images,
+            add_generation_prompt=self.generation,
+            enable_thinking=self.enable_thinking,
+            source=sample.source or sample.id,
+        )
+        return EncodedSample(
+            id=sample.id,
+            task=sample.task,
+            input_ids=processed.input_ids,
+            labels=processed.labels,
+            pixel_values=processed.pixel_values,
+            grid_thws=processed.grid_thws,
+        )
