@@ -15,7 +15,7 @@ Notable:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
@@ -126,6 +126,36 @@ class OvisFineTuner(L.LightningModule):
             for layer in ovis.llm.model.layers:
                 layer.compile()
         self.model = model
+
+    @classmethod
+    def for_inference(cls, checkpoint: dict[str, Any], base: str | None = None) -> OvisFineTuner:
+        """The trained module of a litovis checkpoint (a dict read with `torch.load`), in eval mode.
+
+        The module is rebuilt from the checkpoint's `litovis` block and restored the way Lightning
+        restores it (`on_load_checkpoint`: key check and PiSSA residual; then `load_state_dict`).
+        `base` replaces the base model directory the run was trained on (same weights elsewhere).
+
+        Raises:
+            KeyError: no `litovis` block, or the stored weight names do not match the rebuilt module.
+            RuntimeError: a stored weight's shape differs from the rebuilt module's.
+        """
+        meta = checkpoint.get("litovis")
+        if not isinstance(meta, dict) or "state_dict" not in checkpoint:
+            raise KeyError("no `litovis` block or `state_dict`: not a checkpoint written by OvisFineTuner")
+        source = ModelSource(**meta["source"])
+        if base is not None:
+            source = replace(source, checkpoint=str(base), preset=None)
+        module = cls(
+            source,
+            finetune=meta["finetune"],
+            lora=LoRAConfig(**meta["lora"]) if meta.get("lora") else None,
+            trainable=Trainable(**meta["trainable"]),
+            memory=MemoryConfig(gradient_checkpointing=False),  # no backward at inference
+        )
+        module.configure_model()
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+        return module.eval()
 
     @property
     def ovis(self) -> torch.nn.Module:
