@@ -103,6 +103,7 @@ class OvisFineTuner(L.LightningModule):
             torch.manual_seed(self.source.seed)
             ovis = build_ovis(preset(self.source.preset), dtype=dtype, device=device)
         ovis.set_attention_backend(self.source.attn_backend)
+        ovis.train()  # load_ovis returns eval mode; LoRA dropout must be active
         ovis.requires_grad_(False)
         if self.finetune == "lora":
             model = apply_lora(ovis, self.lora)
