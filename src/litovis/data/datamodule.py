@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from litovis.data.batching import collate_packed
 from litovis.data.dataset import MeasuredSamples, SampleDataset, measure_samples
@@ -208,6 +209,8 @@ class OvisDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=self.num_workers > 0,
+            # Own generator: creating worker iterators must not consume the global RNG (dropout).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> ResumableDataLoader:

@@ -160,10 +160,12 @@ def build_ovis(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attention_backend: str = "auto",
+    init_std: float | None = None,
 ) -> Ovis2_5:
     """A randomly initialised model (deterministic under `torch.manual_seed` on a given device).
 
-    On `device="meta"` the model is only built (shapes, names, counts), never initialised.
+    `init_std` is the std of the normal init (None: the LLM config's `initializer_range`, 0.02 by
+    default). On `device="meta"` the model is only built (shapes, names, counts), never initialised.
     """
     with torch.device("meta"):
         model = Ovis2_5(config, attention_backend)
@@ -172,7 +174,8 @@ def build_ovis(
         return model.to(dtype)
     model.to_empty(device=device)
     model.to(dtype)
-    init_weights(model)
+    std = init_std if init_std is not None else config.llm.extra.get("initializer_range", 0.02)
+    init_weights(model, std)
     return model
 
 

@@ -22,6 +22,8 @@ class ModelSource:
         dtype: dtype of the frozen base weights (`bfloat16`, `float16`, `float32`).
         attn_backend: `auto` (varlen flash kernel on CUDA, SDPA elsewhere), `sdpa` or `varlen`.
         seed: seed of the random init when no checkpoint is given.
+        init_std: std of the random init (None: the preset's `initializer_range`, 0.02); a
+            narrow random model needs a larger one to learn anything through LoRA.
     """
 
     checkpoint: str | None = None
@@ -30,6 +32,7 @@ class ModelSource:
     dtype: str = "bfloat16"
     attn_backend: str = "auto"
     seed: int = 0
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.preset is None):

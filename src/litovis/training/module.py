@@ -87,6 +87,7 @@ class OvisFineTuner(L.LightningModule):
         self._val_stats: TokenStats | None = None
         self._ce_ema: float | None = None
         self._logged_step = -1
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -101,7 +102,7 @@ class OvisFineTuner(L.LightningModule):
             ovis, _ = load_ovis(self.source.checkpoint, dtype=dtype, device=device)
         else:
             torch.manual_seed(self.source.seed)
-            ovis = build_ovis(preset(self.source.preset), dtype=dtype, device=device)
+            ovis = build_ovis(preset(self.source.preset), dtype=dtype, device=device, init_std=self.source.init_std)
         ovis.set_attention_backend(self.source.attn_backend)
         ovis.train()  # load_ovis returns eval mode; LoRA dropout must be active
         ovis.requires_grad_(False)
@@ -253,6 +254,11 @@ class OvisFineTuner(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._logged_step = self.trainer.global_step
+        if self._rng_to_restore is not None:  # after Lightning's own start-up, right before step 1
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if self._rng_to_restore.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(self._rng_to_restore["cuda"], self.device)
+            self._rng_to_restore = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step != self._logged_step:  # an optimizer step just finished
@@ -302,6 +308,11 @@ class OvisFineTuner(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         if self._pissa_initial is not None:
             checkpoint["pissa_initial"] = self._pissa_initial
+        # Lightning does not save RNG state; LoRA dropout needs it for an exact resume.
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
         checkpoint["litovis"] = {
             "source": asdict(self.source),
             "finetune": self.finetune,
@@ -322,6 +333,7 @@ class OvisFineTuner(L.LightningModule):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
                 "was it written with another LoRA/trainable configuration?"
             )
+        self._rng_to_restore = checkpoint.get("rng")
         initial = checkpoint.get("pissa_initial")
         if self.finetune == "lora" and self.lora.is_pissa:
             if initial is None:

@@ -54,7 +54,8 @@ class ThroughputLogger(L.Callback):
         self._step = trainer.global_step
         now = time.perf_counter()
         seconds, self._start = now - self._start, now
-        counts = trainer.strategy.reduce(self._counts.to(pl_module.device), reduce_op="sum").cpu()
+        # clone: on one CPU device `.to()` and `reduce` hand back the very tensor zeroed below
+        counts = trainer.strategy.reduce(self._counts.to(pl_module.device).clone(), reduce_op="sum").cpu()
         self._counts.zero_()
         tokens, samples, total_flops = counts.tolist()
         logs = {
