@@ -14,6 +14,7 @@ the model.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -21,24 +22,18 @@ TOOL_COMMANDS = ("prepare", "evaluate", "export")
 
 
 class LitovisCLI(LightningCLI):
-    """LightningCLI with the data module wired to the model's source (tokenizer, image geometry)."""
+    """LightningCLI for `OvisFineTuner` + `OvisDataModule`, the data wired to the model's source."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        from litovis.data.datamodule import OvisDataModule
+        from litovis.training.module import OvisFineTuner
+
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(OvisFineTuner, OvisDataModule, load_from_checkpoint_support=False, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # tokenizer and image geometry come from the model's source
         parser.link_arguments("model.source", "data.source")
-
-
-def lightning_main(args: list[str] | None = None) -> LitovisCLI:
-    """Run a LightningCLI subcommand (fit/validate/test/predict)."""
-    from litovis.data.datamodule import OvisDataModule
-    from litovis.training.module import OvisFineTuner
-
-    return LitovisCLI(
-        OvisFineTuner,
-        OvisDataModule,
-        save_config_kwargs={"overwrite": True},
-        load_from_checkpoint_support=False,
-        args=args,
-    )
 
 
 def tool_main(command: str, args: list[str]) -> object:
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TOOL_COMMANDS:
         tool_main(argv[0], argv[1:])
     else:
-        lightning_main(argv)
+        LitovisCLI(argv)
 
 
 if __name__ == "__main__":
