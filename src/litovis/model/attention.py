@@ -17,8 +17,9 @@ it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are).
 explicitly for a backend that cannot run raises.
 
 Grouped-query attention: K/V keep their own head count where the kernel accepts it
-(varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask); otherwise K/V heads
-are repeated.
+(varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask, and single-query decoding,
+where the query heads of one group are folded into the query axis); otherwise K/V heads are
+repeated.
 """
 
 from __future__ import annotations
@@ -217,6 +218,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     groups = q.shape[1] // k.shape[1]
     mask = layout.mask
+    if groups > 1 and q.shape[2] == 1 and not (layout.causal and mask is None):
+        return _sdpa_single_query(q, k, v, mask, scale).transpose(1, 2)
     # SDPA's own GQA runs on CPU and in the flash kernel (no mask); the masked CUDA kernels
     # need K/V heads repeated.
     native_gqa = q.device.type == "cpu" or mask is None
@@ -230,6 +233,21 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
         enable_gqa=groups > 1 and native_gqa,
     )
     return out.transpose(1, 2)
+
+
+def _sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """One query per row (decoding), q `[B, Hq, 1, D]`, k/v `[B, Hkv, Tk, D]` -> `[B, Hq, 1, D]`.
+
+    The query heads sharing one K/V head are folded into the query axis (`[B, Hkv, G, D]`), so
+    each cached K/V head is read once and never repeated: decoding is bound by reading the cache.
+    The mask `[B, 1, 1, Tk]` is the same for the folded queries.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, 1, dim)
 
 
 def attend(

@@ -15,6 +15,8 @@ activation dtype) so logits match it. Layers contain no Python branching on tens
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+class KVCache(Protocol):
+    """What a decoder layer needs from a cache: store this layer's new keys/values, return the
+    keys/values the queries attend to (`[B, Tk, kv_heads, head_dim]`, any strides)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
 class StaticKVCache:
     """Preallocated keys/values per layer, `[B, max_len, kv_heads, head_dim]`, written at slots.
 
@@ -105,8 +115,8 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        cache: StaticKVCache | None = None,
-        cache_slots: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Any = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim))
@@ -148,8 +158,8 @@ class Qwen3DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        cache: StaticKVCache | None = None,
-        cache_slots: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Any = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, cache_slots)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -266,6 +276,22 @@ class Qwen3ForCausalLM(nn.Module):
             else:
                 position_ids = torch.arange(length, device=hidden.device).expand(batch, length)
         layout = self._layout(hidden, attention_mask, cu_seqlens, max_seqlen, cache_slots)
+        return self.run_layers(hidden, position_ids, layout, cache, cache_slots)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        layout: AttentionLayout,
+        cache: KVCache | None = None,
+        cache_slots: Any = None,
+    ) -> torch.Tensor:
+        """Decoder layers and final norm over input embeddings `[B, T, hidden]` with a ready layout.
+
+        The lower half of `forward`, for callers that build their own layout and cache: anything
+        with `update(layer, k, v, cache_slots) -> (keys, values)` serves as `cache` (the keys and
+        values it returns are what the queries attend to under `layout`).
+        """
         cos, sin = rotary_cos_sin(position_ids.to(hidden.device), self.config.head_dim, self.config.rope_theta, hidden.dtype)
         checkpointing = torch.is_grad_enabled() and cache is None
         for index, layer in enumerate(self.model.layers):
