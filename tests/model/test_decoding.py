@@ -82,7 +82,8 @@ def _config(**kwargs) -> GenerationConfig:
 SMALL_CHUNKS = DecodeOptions(max_prefill_tokens=12, batch_buckets=(2, 8), cache_multiple=16)
 
 
-@pytest.mark.parametrize("options", [DecodeOptions(), SMALL_CHUNKS], ids=["one-chunk", "chunked-bucketed"])
+@pytest.mark.parametrize("options", [DecodeOptions(), SMALL_CHUNKS, DecodeOptions(decode_attention="matmul")],
+                         ids=["one-chunk", "chunked-bucketed", "matmul-attention"])
 def test_greedy_equals_the_reference(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt], options: DecodeOptions) -> None:
     expected = reference(tiny_model_f64, prompts, _config())
     assert expected.shape == (5, 9)
@@ -173,8 +174,9 @@ def test_packed_prefill_logits_and_cache_equal_per_prompt_forwards(tiny_model_f6
     assert (cache.keys[0][[1, 3, 4]] == 0).all(), "rows not in the prefill stay untouched"
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 def test_one_decode_step_equals_the_forward_of_the_extended_prompt(tiny_model_f64: Ovis2_5,
-                                                                   prompts: list[EncodedPrompt]) -> None:
+                                                                   prompts: list[EncodedPrompt], attention: str) -> None:
     """The captured function itself, eagerly: its logits are the full forward's last logits."""
     llm = tiny_model_f64.llm
     cache = RowKVCache(llm.config, 3, 40, torch.float64, torch.device("cpu"))
@@ -183,7 +185,7 @@ def test_one_decode_step_equals_the_forward_of_the_extended_prompt(tiny_model_f6
     new = torch.tensor([7, 300, 42])
     with torch.no_grad():
         packed_prefill(tiny_model_f64, chosen, cache, [0, 1, 2])
-        logits = decode_logits(llm, cache, new, lengths.clone(), torch.arange(3), torch.arange(40))
+        logits = decode_logits(llm, cache, new, lengths.clone(), torch.arange(3), torch.arange(40), attention)
         for row, prompt in enumerate(chosen):
             ids = torch.cat([prompt.input_ids, new[row:row + 1]])[None]
             expected = tiny_model_f64(ids, prompt.pixel_values, prompt.grid_thws).logits[0, -1]
@@ -208,7 +210,7 @@ def test_bucket_size() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(max_prefill_tokens=0), dict(batch_buckets=()), dict(cache_multiple=0),
-                                 dict(sync_every=-1)])
+                                 dict(sync_every=-1), dict(decode_attention="flash")])
 def test_invalid_options_raise(bad: dict) -> None:
     with pytest.raises(ValueError):
         DecodeOptions(**bad).validate()
@@ -225,6 +227,8 @@ def test_cuda_graph_replay_equals_eager_decoding(prompts: list[EncodedPrompt]) -
              for p in prompts]
     for config in (_config(max_new_tokens=20), _config(max_new_tokens=20, do_sample=True, top_p=0.8, seed=1,
                                                           repetition_penalty=1.2, min_new_tokens=4)):
-        eager = fast(model, moved, config, dataclasses.replace(SMALL_CHUNKS, cuda_graphs=False))
-        graphed = fast(model, moved, config, SMALL_CHUNKS)
-        assert torch.equal(graphed, eager)
+        for attention in ("sdpa", "matmul"):
+            options = dataclasses.replace(SMALL_CHUNKS, decode_attention=attention)
+            eager = fast(model, moved, config, dataclasses.replace(options, cuda_graphs=False))
+            graphed = fast(model, moved, config, options)
+            assert torch.equal(graphed, eager), attention

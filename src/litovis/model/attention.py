@@ -9,12 +9,14 @@ every layer calls `attend(q, k, v, layout)`. Three layouts exist:
 - padded (`padded_layout`): a batch `[B, T]` with a 0/1 `attention_mask`; also covers decoding
   against a static KV cache, where queries sit at given cache slots.
 
-Backends: `"varlen"` runs packed layouts through a variable-length flash kernel on CUDA
+Backends (chosen per layout): `"varlen"` runs packed layouts through a variable-length flash kernel on CUDA
 (`torch.nn.attention.varlen.varlen_attn` when this torch has it, otherwise flash-attn's
 `flash_attn_varlen_func` when installed); `"sdpa"` uses `scaled_dot_product_attention` with a
 boolean mask built from the layout (exact on any device, the CPU path). `"auto"` picks varlen when
 it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are). Asking
-explicitly for a backend that cannot run raises.
+explicitly for a backend that cannot run raises. Decoding layouts (one query per row over a
+cache) may also name `"matmul"`: two batched matmuls with a float32 softmax, an alternative to
+SDPA's fused kernels for that shape.
 
 Grouped-query attention: K/V keep their own head count where the kernel accepts it
 (varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask, and single-query decoding,
@@ -111,7 +113,7 @@ class AttentionLayout:
     causal: bool
     """Queries attend only to keys at earlier or equal positions."""
     backend: str
-    """`"varlen"` or `"sdpa"` (already resolved)."""
+    """`"varlen"` or `"sdpa"` (already resolved), or `"matmul"` for single-query decoding."""
     cu_seqlens: torch.Tensor | None = None
     """int32 `[S + 1]` sequence boundaries of a packed row (varlen backend)."""
     max_seqlen: int | None = None
@@ -250,6 +252,25 @@ def _sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return out.reshape(batch, heads, 1, dim)
 
 
+def _matmul_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    """Decoding attention as two batched matmuls: q `[B, 1, Hq, D]`, k/v `[B, Tk, Hkv, D]` -> `[B, 1, Hq, D]`.
+
+    Query heads are folded per K/V head as in `_sdpa_single_query`; scores are computed in the
+    input dtype (as transformers' eager attention does), softmax in at least float32. K/V laid out
+    `[B, Hkv, Tk, D]` in memory (a `RowKVCache`) are read without any copy.
+    """
+    batch, _, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(folded, k.permute(0, 2, 3, 1))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).reshape(batch, 1, heads, dim)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,6 +286,10 @@ def attend(
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if layout.backend == "matmul":
+        if q.shape[1] != 1:
+            raise ValueError(f"the matmul backend serves single-query decoding only, got {q.shape[1]} queries per row")
+        return _matmul_single_query(q, k, v, layout.mask, scale)
     if layout.backend == "varlen":
         if q.shape[0] != 1:
             raise ValueError(f"the varlen backend needs a packed batch of one row, got {q.shape[0]} rows")

@@ -13,7 +13,9 @@ One batch of encoded prompts goes through two phases:
   pad); the step (embedding, layers, head, `TokenSelector.advance`) reads and writes fixed
   buffers only, so on CUDA it is captured once per (batch bucket, cache length) in a
   `torch.cuda.CUDAGraph` and replayed. The host syncs only every `sync_every` steps, to stop
-  once every row has finished; finished rows keep running harmlessly until then.
+  once every row has finished; finished rows keep running harmlessly until then. Attention
+  over the cache folds the query heads of each K/V head into one query block (no K/V repeat),
+  through SDPA's fused kernel or two batched matmuls (`decode_attention`).
 
 On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
 the eager reference `litovis.model.generation.generate`.
@@ -78,6 +80,8 @@ class DecodeOptions:
     """Capture the decode step in a CUDA graph (CUDA only; eager elsewhere)."""
     compile: bool = False
     """`torch.compile` the decode step's model part before capturing it."""
+    decode_attention: str = "sdpa"
+    """Decode-step attention over the cache: `"sdpa"` (fused kernel) or `"matmul"` (two batched matmuls)."""
 
     def validate(self) -> None:
         """Raise on impossible settings."""
@@ -89,6 +93,8 @@ class DecodeOptions:
             raise ValueError(f"cache_multiple must be >= 1, got {self.cache_multiple}")
         if self.sync_every < 0:
             raise ValueError(f"sync_every must be >= 0, got {self.sync_every}")
+        if self.decode_attention not in ("sdpa", "matmul"):
+            raise ValueError(f"decode_attention must be 'sdpa' or 'matmul', got {self.decode_attention!r}")
 
 
 def bucket_size(size: int, buckets: Sequence[int]) -> int:
@@ -179,11 +185,14 @@ def packed_prefill(model: Ovis2_5, prompts: Sequence[PromptInputs], cache: RowKV
 
 
 def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                  rows: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-    """Logits `[B, V]` of one decode step: token b at position (= cache slot) `positions[b]`."""
+                  rows: torch.Tensor, slot_ids: torch.Tensor, attention: str = "sdpa") -> torch.Tensor:
+    """Logits `[B, V]` of one decode step: token b at position (= cache slot) `positions[b]`.
+
+    `attention` is the attention backend over the cache (`"sdpa"` or `"matmul"`).
+    """
     hidden = llm.model.embed_tokens(tokens[:, None])
     mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
-    layout = AttentionLayout(causal=True, backend="sdpa", mask=mask)
+    layout = AttentionLayout(causal=True, backend=attention, mask=mask)
     write = CacheWrite(rows=rows, slots=positions, attend_cache=True)
     hidden = llm.run_layers(hidden, positions[:, None], layout, cache, write)
     return llm.logits(hidden[:, 0])
@@ -207,6 +216,7 @@ class StaticDecoder:
         self.rows = torch.arange(batch, device=device)
         self.slot_ids = torch.arange(max_len, device=device)
         self.logits = torch.zeros(batch, llm.config.vocab_size, dtype=torch.float32, device=device)
+        self.attention = options.decode_attention
         self._forward = decode_logits
         if options.compile:
             self._forward = torch.compile(decode_logits, dynamic=False)
@@ -215,7 +225,8 @@ class StaticDecoder:
             self._capture()
 
     def _eager_step(self) -> None:
-        logits = self._forward(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids)
+        logits = self._forward(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
+                               self.attention)
         self.selector.advance(logits)
         self.positions.add_(1)
 
@@ -231,8 +242,12 @@ class StaticDecoder:
                 self._eager_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._eager_step()
+        try:
+            with torch.cuda.graph(graph):
+                self._eager_step()
+        except RuntimeError as err:
+            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
+                               "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
         self.graph = graph
 
     @torch.no_grad()
@@ -266,7 +281,7 @@ class FastGenerator:
 
     def _decoder_for(self, batch: int, max_len: int) -> StaticDecoder:
         if self._shape != (batch, max_len):
-            self._decoder = None  # free the previous cache and graph first
+            self._decoder, self._shape = None, None  # free the previous cache and graph first
             self._decoder = StaticDecoder(self.model, self.config, batch, max_len, self.options)
             self._shape = (batch, max_len)
         return self._decoder
@@ -321,9 +336,10 @@ class FastGenerator:
             raise RuntimeError("decode() needs a prefill() first")
         selector = decoder.selector
         every = self.options.sync_every
+        # No row can stop before min_new_tokens: checking earlier would only stall the GPU.
         can_stop = not config.ignore_eos and every > 0
         for step in range(1, config.max_new_tokens):
-            if can_stop and step % every == 0 and not bool(selector.unfinished.any()):
+            if can_stop and step % every == 0 and step > config.min_new_tokens and not bool(selector.unfinished.any()):
                 break
             decoder.step()
             self.decode_steps += 1
