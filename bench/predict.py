@@ -14,9 +14,8 @@ to the 2,493-row test set (ceil(2493 / batch) batches x s/batch). Run by hand on
     PYTHONPATH=src python bench/predict.py --batch-sizes 64,128 --no-baseline
     PYTHONPATH=src python bench/predict.py --small                  # tiny preset; runs on CPU
 
-Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares the
-first variant's greedy tokens with transformers' on the same text batch: rows whose first
-token / all tokens agree (bf16 rounding differs between the two, and random weights give
+Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares its
+greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
 near-flat logits, so full-row agreement is informative, not a pass/fail).
 """
 
@@ -198,7 +197,8 @@ def transformers_llm(model, device: torch.device):
 
 @torch.no_grad()
 def run_transformers(hf, batch: int, rows: int, tokens: int, new_tokens: int, vocab: int, seed: int,
-                     device: torch.device, text_tokens: list) -> Timing:
+                     device: torch.device) -> tuple[Timing, torch.Tensor]:
+    """Time transformers' generate; also return its new tokens of the first batch (for agreement)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed)
@@ -217,13 +217,15 @@ def run_transformers(hf, batch: int, rows: int, tokens: int, new_tokens: int, vo
         if first is None:
             first = out[:, tokens:].cpu()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    timing = Timing("transformers", batch, rows, tokens, seconds, produced, peak_gib=peak)
-    if text_tokens:
-        ours = torch.stack(text_tokens)
-        same_first = (ours[:, 0] == first[:, 0]).float().mean().item()
-        same_all = (ours == first).all(-1).float().mean().item()
-        timing.agree = f"first {same_first:.0%}, all {same_all:.0%}"
-    return timing
+    return Timing("transformers", batch, rows, tokens, seconds, produced, peak_gib=peak), first
+
+
+def agreement(ours: list[torch.Tensor], theirs: torch.Tensor) -> str:
+    """Share of rows whose first new token, and whose every new token, equal transformers'."""
+    ours = torch.stack(ours)
+    same_first = (ours[:, 0] == theirs[:, 0]).float().mean().item()
+    same_all = (ours == theirs).all(-1).float().mean().item()
+    return f"first {same_first:.0%}, all {same_all:.0%}"
 
 
 def text_batch_like(batch: int, tokens: int, vocab: int, seed: int) -> list[EncodedPrompt]:
@@ -255,7 +257,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny preset, CPU unless CUDA is present")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the decode step before capturing it")
+                        help="torch.compile the LLM decoder layers in place (prefill and decode)")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--decode-attention", default="sdpa,matmul",
                         help="decode attention variants to time, comma-separated (sdpa, matmul)")
@@ -282,12 +284,15 @@ def main() -> None:
     dtype = torch.float32 if small and device.type == "cpu" else torch.bfloat16
     model = build_ovis(preset("tiny" if small else "9b"), dtype=dtype, device=device).eval()
     vocab = model.config.llm.vocab_size
+    if args.compile:
+        for layer in model.llm.model.layers:
+            layer.compile()
     eos = eos_ids(vocab)
     config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_ids=eos,
                               pad_token_id=eos[1])
     variants = args.decode_attention.split(",")
     options = {name: DecodeOptions(max_prefill_tokens=args.max_prefill_tokens, sync_every=args.sync_every,
-                                   cuda_graphs=args.cuda_graphs, compile=args.compile, decode_attention=name)
+                                   cuda_graphs=args.cuda_graphs, decode_attention=name)
                for name in variants}
     for variant in options.values():
         variant.validate()
@@ -331,10 +336,11 @@ def main() -> None:
                 ours_runs.append((name, ours, ours_text, text_tokens))
         if hf is None or not ours_runs:
             continue
-        theirs = run_transformers(hf, batch, rows, tokens, args.new_tokens, vocab, args.seed + 1000 + batch, device,
-                                  ours_runs[0][3])
+        theirs, their_tokens = run_transformers(hf, batch, rows, tokens, args.new_tokens, vocab,
+                                                args.seed + 1000 + batch, device)
         timings.append(theirs)
-        for name, ours, ours_text, _ in ours_runs:
+        for name, ours, ours_text, text_tokens in ours_runs:
+            ours_text.agree = agreement(text_tokens, their_tokens)
             ratios.append(f"batch {batch}, {name}: {ours.tokens_per_s / theirs.tokens_per_s:.1f}x (half the rows "
                           f"with images), {ours_text.tokens_per_s / theirs.tokens_per_s:.1f}x (same text-only batch)")
     print_table(timings)

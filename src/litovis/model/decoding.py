@@ -18,7 +18,9 @@ One batch of encoded prompts goes through two phases:
   through SDPA's fused kernel or two batched matmuls (`decode_attention`).
 
 On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
-the eager reference `litovis.model.generation.generate`.
+the eager reference `litovis.model.generation.generate`. Decoder layers compiled in place
+(`layer.compile()`, as training does) serve both phases; their first call per shape happens in
+the warm-up steps before the capture.
 """
 
 from __future__ import annotations
@@ -78,8 +80,6 @@ class DecodeOptions:
     """Decode steps between checks whether every row has finished (0 = never check)."""
     cuda_graphs: bool = True
     """Capture the decode step in a CUDA graph (CUDA only; eager elsewhere)."""
-    compile: bool = False
-    """`torch.compile` the decode step's model part before capturing it."""
     decode_attention: str = "sdpa"
     """Decode-step attention over the cache: `"sdpa"` (fused kernel) or `"matmul"` (two batched matmuls)."""
 
@@ -217,15 +217,12 @@ class StaticDecoder:
         self.slot_ids = torch.arange(max_len, device=device)
         self.logits = torch.zeros(batch, llm.config.vocab_size, dtype=torch.float32, device=device)
         self.attention = options.decode_attention
-        self._forward = decode_logits
-        if options.compile:
-            self._forward = torch.compile(decode_logits, dynamic=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         if options.cuda_graphs and device.type == "cuda":
             self._capture()
 
     def _eager_step(self) -> None:
-        logits = self._forward(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
+        logits = decode_logits(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
                                self.attention)
         self.selector.advance(logits)
         self.positions.add_(1)
