@@ -9,7 +9,8 @@ With tied embeddings there is no `lm_head` module at all: logits use `embed_toke
 projection separately so a training loss can be computed in chunks without ever holding
 `[T, vocab]` logits. Inputs are either a padded batch (`attention_mask`), a packed row
 (`cu_seqlens`/`max_seqlen`, positions restarting per sample) or decoding steps against a
-`StaticKVCache`. Numerics follow transformers (RMSNorm in float32, rotary cos/sin cast to the
+`StaticKVCache`. `run_layers` takes a ready attention layout and any `KVCache` (the fast
+generator's packed prefill and decode step use it). Numerics follow transformers (RMSNorm in float32, rotary cos/sin cast to the
 activation dtype) so logits match it. Layers contain no Python branching on tensor values.
 """
 
