@@ -206,7 +206,7 @@ def run_transformers(hf, batch: int, rows: int, tokens: int, new_tokens: int, vo
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=eos[1],
                   eos_token_id=list(eos))
     seconds, produced, first = [], 0, None
-    for index in range(0, rows, batch):
+    for _ in range(0, rows, batch):
         ids = torch.randint(0, min(vocab, 151643), (batch, tokens), generator=gen).to(device)
         synchronize(device)
         began = time.perf_counter()

@@ -159,7 +159,7 @@ def test_packed_prefill_logits_and_cache_equal_per_prompt_forwards(tiny_model_f6
     chosen = [prompts[0], prompts[1], prompts[2]]
     with torch.no_grad():
         logits = packed_prefill(tiny_model_f64, chosen, cache, rows)
-        for row, prompt, got in zip(rows, chosen, logits):
+        for row, prompt, got in zip(rows, chosen, logits, strict=True):
             alone = tiny_model_f64(prompt.input_ids[None], prompt.pixel_values, prompt.grid_thws).logits[0, -1]
             torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
             # keys of layer 0 at slot p = k_norm(k_proj(norm(embedding))) rotated to position p

@@ -80,7 +80,7 @@ def test_results_come_in_input_order_and_equal_each_prompt_alone(tiny_model_f64:
     assert [r.index for r in results] == list(range(len(dataset)))
     assert batches == plan_batches([p.input_ids.numel() for p in dataset], BatchBudget(3, 40))
     assert len(batches) > 2
-    for result, prompt in zip(results, dataset):
+    for result, prompt in zip(results, dataset, strict=True):
         assert result.token_ids == _alone(tiny_model_f64, prompt, config, result.index)
 
 

@@ -94,7 +94,7 @@ def generate_dataset(
     next_index = 0
     for batch in batches:
         outputs = generator.generate([prompts[i] for i in batch], row_keys=batch)
-        for index, tokens in zip(batch, outputs):
+        for index, tokens in zip(batch, outputs, strict=True):
             ids = tokens.tolist()
             stopped = not config.ignore_eos and bool(ids) and ids[-1] in eos
             ready[index] = GenerationResult(index=index, token_ids=ids, stopped_at_eos=stopped)
