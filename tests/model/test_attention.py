@@ -104,3 +104,26 @@ def test_varlen_equals_sdpa_on_gpu(causal: bool) -> None:
     fast = attend(q, k, v, packed_layout(cu, 90, total, causal=causal, backend="varlen", device=device, dtype=q.dtype))
     exact = attend(q, k, v, packed_layout(cu, 90, total, causal=causal, backend="sdpa", device=device, dtype=q.dtype))
     torch.testing.assert_close(fast, exact, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_single_query_decoding_equals_repeated_heads(kv_heads: int, backend: str) -> None:
+    """One query per row over a cache: the folded GQA paths equal attention with K/V repeated."""
+    q, k, v = _qkv(7, heads=4, kv_heads=kv_heads, batch=3)
+    # keys stored heads-first, as a RowKVCache holds them, and seen through a transposed view
+    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    valid = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    layout = attention.AttentionLayout(causal=True, backend=backend, mask=valid[:, None, None, :])
+    out = attend(q[:, :1], k, v, layout)
+    for row in range(3):
+        keys = valid[row]
+        expected = reference_attention(q[row, :1], k[row, keys], v[row, keys], causal=False)
+        torch.testing.assert_close(out[row], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_matmul_backend_takes_one_query_per_row() -> None:
+    q, k, v = _qkv(5, batch=2)
+    layout = attention.AttentionLayout(causal=True, backend="matmul", mask=None)
+    with pytest.raises(ValueError, match="single-query"):
+        attend(q[:, :2], k, v, layout)

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from litovis.model.checkpoint import build_ovis
-from litovis.model.generation import GenerationConfig, process_logits
+from litovis.model.generation import GenerationConfig, choose_tokens, process_logits, uniform_draws
 from litovis.model.ovis import Ovis2_5
 from litovis.model.presets import preset
 
@@ -40,17 +40,22 @@ def prompts() -> dict:
     }
 
 
-def _greedy_without_cache(model: Ovis2_5, prompts: dict, steps: int, eos: tuple[int, ...]) -> torch.Tensor:
-    """Reference: recompute the whole sequence every step and take the argmax of its last position."""
+def _greedy_without_cache(model: Ovis2_5, prompts: dict, steps: int, eos: tuple[int, ...], min_new: int = 0,
+                          stop_at_eos: bool = True) -> torch.Tensor:
+    """Reference: recompute the whole sequence every step and take the argmax of its last position
+    (eos ids masked for the first `min_new` steps)."""
     ids, mask = prompts["input_ids"], prompts["attention_mask"]
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     out = []
     with torch.no_grad():
-        for _ in range(steps):
-            logits = model(ids, prompts["pixel_values"], prompts["grid_thws"], attention_mask=mask).logits
-            token = torch.where(finished, torch.tensor(PAD), logits[:, -1].argmax(-1))
+        for step in range(steps):
+            logits = model(ids, prompts["pixel_values"], prompts["grid_thws"], attention_mask=mask).logits[:, -1]
+            if step < min_new:
+                logits[:, list(eos)] = float("-inf")
+            token = torch.where(finished, torch.tensor(PAD), logits.argmax(-1))
             out.append(token)
-            finished |= torch.isin(token, torch.tensor(eos))
+            if stop_at_eos:
+                finished |= torch.isin(token, torch.tensor(eos))
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return torch.stack(out, dim=1)
@@ -163,3 +168,55 @@ def test_thinking_budget_needs_a_suffix(model: Ovis2_5, prompts: dict) -> None:
 def test_invalid_settings_raise(bad: dict) -> None:
     with pytest.raises(ValueError):
         _config(**bad).validate()
+
+
+def test_min_new_tokens_masks_eos_until_reached(model: Ovis2_5, prompts: dict) -> None:
+    free = model.generate(**prompts, config=_config())
+    eos = (int(free[0, 1]), int(free[1, 0]))
+    got = model.generate(**prompts, config=_config(eos_token_ids=eos, min_new_tokens=4))
+    assert not torch.isin(got[:, :4], torch.tensor(eos)).any()
+    assert torch.equal(got, _greedy_without_cache(model, prompts, 8, eos=eos, min_new=4))
+    after_one = model.generate(**prompts, config=_config(eos_token_ids=eos[:1], min_new_tokens=1))
+    assert int(after_one[0, 1]) == eos[0] and (after_one[0, 2:] == PAD).all(), "eos is allowed once min_new is reached"
+
+
+def test_ignore_eos_generates_every_token(model: Ovis2_5, prompts: dict) -> None:
+    free = model.generate(**prompts, config=_config())
+    eos = (int(free[0, 1]), int(free[1, 0]))
+    got = model.generate(**prompts, config=_config(eos_token_ids=eos, ignore_eos=True))
+    assert got.shape == (2, 8)
+    assert torch.equal(got, free)
+    assert torch.equal(got, _greedy_without_cache(model, prompts, 8, eos=eos, stop_at_eos=False))
+
+
+def test_min_new_tokens_cannot_exceed_max_new_tokens() -> None:
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        _config(min_new_tokens=9).validate()
+
+
+def test_uniform_draws_are_uniform_and_keyed() -> None:
+    keys = torch.arange(20000)
+    draws = uniform_draws(3, keys, torch.tensor(0))
+    assert ((draws >= 0) & (draws < 1)).all()
+    counts = torch.histc(draws, bins=10, min=0, max=1)
+    expected = 2000
+    assert ((counts - expected).abs() < 4 * expected ** 0.5).all(), counts  # 4 sigma
+    assert torch.equal(draws, uniform_draws(3, keys, torch.tensor(0)))
+    others = [uniform_draws(4, keys, torch.tensor(0)), uniform_draws(3, keys, torch.tensor(1)),
+              uniform_draws(3, keys + 1, torch.tensor(0))]
+    for other in others:
+        assert abs(float(torch.corrcoef(torch.stack([draws, other]))[0, 1])) < 0.05
+    big = uniform_draws(2**40, torch.tensor([2**40, 2**40 + 1]), torch.tensor(7))
+    assert big[0] != big[1]
+
+
+def test_sampled_frequencies_follow_the_probabilities() -> None:
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    rows = 20000
+    logits = probs.log().expand(rows, -1)
+    config = _config(do_sample=True)
+    tokens = choose_tokens(logits, config, seed=9, row_keys=torch.arange(rows), step=torch.tensor(2))
+    counts = torch.bincount(tokens, minlength=5).double()
+    sigma = (rows * probs * (1 - probs)).sqrt()
+    assert counts[1] == 0, "a token of zero probability is never drawn"
+    assert ((counts - rows * probs).abs() <= 4 * sigma + 1).all(), counts

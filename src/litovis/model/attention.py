@@ -9,16 +9,19 @@ every layer calls `attend(q, k, v, layout)`. Three layouts exist:
 - padded (`padded_layout`): a batch `[B, T]` with a 0/1 `attention_mask`; also covers decoding
   against a static KV cache, where queries sit at given cache slots.
 
-Backends: `"varlen"` runs packed layouts through a variable-length flash kernel on CUDA
+Backends (chosen per layout): `"varlen"` runs packed layouts through a variable-length flash kernel on CUDA
 (`torch.nn.attention.varlen.varlen_attn` when this torch has it, otherwise flash-attn's
 `flash_attn_varlen_func` when installed); `"sdpa"` uses `scaled_dot_product_attention` with a
 boolean mask built from the layout (exact on any device, the CPU path). `"auto"` picks varlen when
 it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are). Asking
-explicitly for a backend that cannot run raises.
+explicitly for a backend that cannot run raises. Decoding layouts (one query per row over a
+cache) may also name `"matmul"`: two batched matmuls with a float32 softmax, an alternative to
+SDPA's fused kernels for that shape.
 
 Grouped-query attention: K/V keep their own head count where the kernel accepts it
-(varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask); otherwise K/V heads
-are repeated.
+(varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask, and single-query decoding,
+where the query heads of one group are folded into the query axis); otherwise K/V heads are
+repeated.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class AttentionLayout:
     causal: bool
     """Queries attend only to keys at earlier or equal positions."""
     backend: str
-    """`"varlen"` or `"sdpa"` (already resolved)."""
+    """`"varlen"` or `"sdpa"` (already resolved), or `"matmul"` for single-query decoding."""
     cu_seqlens: torch.Tensor | None = None
     """int32 `[S + 1]` sequence boundaries of a packed row (varlen backend)."""
     max_seqlen: int | None = None
@@ -217,6 +220,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     groups = q.shape[1] // k.shape[1]
     mask = layout.mask
+    if groups > 1 and q.shape[2] == 1 and not (layout.causal and mask is None):
+        return _sdpa_single_query(q, k, v, mask, scale).transpose(1, 2)
     # SDPA's own GQA runs on CPU and in the flash kernel (no mask); the masked CUDA kernels
     # need K/V heads repeated.
     native_gqa = q.device.type == "cpu" or mask is None
@@ -230,6 +235,40 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
         enable_gqa=groups > 1 and native_gqa,
     )
     return out.transpose(1, 2)
+
+
+def _sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """One query per row (decoding), q `[B, Hq, 1, D]`, k/v `[B, Hkv, Tk, D]` -> `[B, Hq, 1, D]`.
+
+    The query heads sharing one K/V head are folded into the query axis (`[B, Hkv, G, D]`), so
+    each cached K/V head is read once and never repeated: decoding is bound by reading the cache.
+    The mask `[B, 1, 1, Tk]` is the same for the folded queries.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, 1, dim)
+
+
+def _matmul_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    """Decoding attention as two batched matmuls: q `[B, 1, Hq, D]`, k/v `[B, Tk, Hkv, D]` -> `[B, 1, Hq, D]`.
+
+    Query heads are folded per K/V head as in `_sdpa_single_query`; scores are computed in the
+    input dtype (as transformers' eager attention does), softmax in at least float32. K/V laid out
+    `[B, Hkv, Tk, D]` in memory (a `RowKVCache`) are read without any copy.
+    """
+    batch, _, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(folded, k.permute(0, 2, 3, 1))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).reshape(batch, 1, heads, dim)
 
 
 def attend(
@@ -247,6 +286,10 @@ def attend(
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if layout.backend == "matmul":
+        if q.shape[1] != 1:
+            raise ValueError(f"the matmul backend serves single-query decoding only, got {q.shape[1]} queries per row")
+        return _matmul_single_query(q, k, v, layout.mask, scale)
     if layout.backend == "varlen":
         if q.shape[0] != 1:
             raise ValueError(f"the varlen backend needs a packed batch of one row, got {q.shape[0]} rows")

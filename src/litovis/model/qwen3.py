@@ -9,11 +9,14 @@ With tied embeddings there is no `lm_head` module at all: logits use `embed_toke
 projection separately so a training loss can be computed in chunks without ever holding
 `[T, vocab]` logits. Inputs are either a padded batch (`attention_mask`), a packed row
 (`cu_seqlens`/`max_seqlen`, positions restarting per sample) or decoding steps against a
-`StaticKVCache`. Numerics follow transformers (RMSNorm in float32, rotary cos/sin cast to the
+`StaticKVCache`. `run_layers` takes a ready attention layout and any `KVCache` (the fast
+generator's packed prefill and decode step use it). Numerics follow transformers (RMSNorm in float32, rotary cos/sin cast to the
 activation dtype) so logits match it. Layers contain no Python branching on tensor values.
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+class KVCache(Protocol):
+    """What a decoder layer needs from a cache: store this layer's new keys/values, return the
+    keys/values the queries attend to (`[B, Tk, kv_heads, head_dim]`, any strides)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
 class StaticKVCache:
     """Preallocated keys/values per layer, `[B, max_len, kv_heads, head_dim]`, written at slots.
 
@@ -105,8 +116,8 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        cache: StaticKVCache | None = None,
-        cache_slots: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Any = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim))
@@ -148,8 +159,8 @@ class Qwen3DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        cache: StaticKVCache | None = None,
-        cache_slots: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Any = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, cache_slots)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -266,6 +277,22 @@ class Qwen3ForCausalLM(nn.Module):
             else:
                 position_ids = torch.arange(length, device=hidden.device).expand(batch, length)
         layout = self._layout(hidden, attention_mask, cu_seqlens, max_seqlen, cache_slots)
+        return self.run_layers(hidden, position_ids, layout, cache, cache_slots)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        layout: AttentionLayout,
+        cache: KVCache | None = None,
+        cache_slots: Any = None,
+    ) -> torch.Tensor:
+        """Decoder layers and final norm over input embeddings `[B, T, hidden]` with a ready layout.
+
+        The lower half of `forward`, for callers that build their own layout and cache: anything
+        with `update(layer, k, v, cache_slots) -> (keys, values)` serves as `cache` (the keys and
+        values it returns are what the queries attend to under `layout`).
+        """
         cos, sin = rotary_cos_sin(position_ids.to(hidden.device), self.config.head_dim, self.config.rope_theta, hidden.dtype)
         checkpointing = torch.is_grad_enabled() and cache is None
         for index, layer in enumerate(self.model.layers):

@@ -1,0 +1,354 @@
+"""Benchmark: litovis' fast generator vs transformers' `generate`, on test-set-shaped prompts.
+
+Builds the 9B preset with random bf16 weights, synthesises prompts shaped like the test set
+(`--prompt-tokens` each; every other row holds one `--image-side`² image, 1280² = 1,600 visual
+atoms, the rest of the row is text), forces `--new-tokens` new tokens (eos masked, greedy) and
+times a few batches per batch size after one warm-up batch (CUDA-graph capture, compile). Then,
+in the same process, transformers' `Qwen3ForCausalLM` built from the same LLM config and sharing
+OUR LLM's weights (equal compute) runs `generate(do_sample=False, max_new_tokens=N,
+min_new_tokens=N)` with SDPA on text-only prompts of the same length at the same batch sizes;
+our generator also runs that text-only batch, so both ratios are printed. Times are projected
+to the 2,493-row test set (ceil(2493 / batch) batches x s/batch). Run by hand on a GPU:
+
+    PYTHONPATH=src python bench/predict.py                          # batch 16 and 64, with baseline
+    PYTHONPATH=src python bench/predict.py --batch-sizes 64,128 --no-baseline
+    PYTHONPATH=src python bench/predict.py --small                  # tiny preset; runs on CPU
+
+Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares its
+greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
+near-flat logits, so full-row agreement is informative, not a pass/fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from litovis.model.attention import varlen_kernel_name
+from litovis.model.checkpoint import build_ovis
+from litovis.model.config import OvisConfig
+from litovis.model.decoding import DecodeOptions, EncodedPrompt, FastGenerator
+from litovis.model.flops import (
+    llm_forward_flops_per_token,
+    measure_matmul_tflops,
+    visual_head_forward_flops_per_atom,
+    vit_forward_flops_per_patch,
+)
+from litovis.model.generation import GenerationConfig
+from litovis.model.presets import preset
+from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
+
+TEST_ROWS = 2493
+QWEN_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|> (also pad)
+
+
+def eos_ids(vocab: int) -> tuple[int, ...]:
+    """Qwen's eos ids, or the last two ids of a smaller (tiny) vocabulary."""
+    return QWEN_EOS if vocab > max(QWEN_EOS) else (vocab - 1, vocab - 2)
+
+
+@dataclass
+class Timing:
+    """One implementation at one batch size."""
+
+    name: str
+    batch: int
+    rows: int
+    prompt_tokens: float
+    seconds: list[float]
+    new_tokens: int
+    prefill: list[float] | None = None
+    decode_ms: list[float] | None = None
+    prefill_tflops: float | None = None
+    peak_gib: float | None = None
+    agree: str = ""
+
+    @property
+    def per_batch(self) -> float:
+        return sum(self.seconds) / len(self.seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / sum(self.seconds)
+
+    def projected_min(self) -> float:
+        return math.ceil(TEST_ROWS / self.batch) * self.per_batch / 60
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synth_prompts(rows: int, tokens: int, grid: tuple[int, int, int], vocab: int, images: bool,
+                  seed: int) -> list[EncodedPrompt]:
+    """`rows` prompts of `tokens` ids; with `images`, every other row has one image of `grid` patches."""
+    gen = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    atoms = t * h * w // 4
+    pixels = torch.rand(t * h * w, 768, generator=gen) * 2 - 1  # shared: the values do not change the work
+    grid_thws = torch.tensor([grid])
+    text_vocab = min(vocab, 151643)
+    prompts = []
+    for row in range(rows):
+        if images and row % 2 == 0:
+            text = tokens - atoms - 2
+            if text < 2:
+                raise SystemExit(f"--prompt-tokens {tokens} leaves no room for text beside {atoms} atoms")
+            ids = torch.randint(0, text_vocab, (text,), generator=gen)
+            span = torch.tensor([IMAGE_START_ID] + [VISUAL_ATOM_ID] * atoms + [IMAGE_END_ID])
+            ids = torch.cat([ids[: text // 2], span, ids[text // 2:]])
+            prompts.append(EncodedPrompt(ids, pixels, grid_thws))
+        else:
+            prompts.append(EncodedPrompt(torch.randint(0, text_vocab, (tokens,), generator=gen)))
+    return prompts
+
+
+def prefill_flops(config: OvisConfig, prompts: list[EncodedPrompt]) -> float:
+    """Forward FLOPs of a packed prefill: LLM over every prompt token (lm_head only on the last), vision."""
+    llm = config.llm
+    head = 2.0 * llm.vocab_size * llm.hidden_size
+    total = 0.0
+    for prompt in prompts:
+        length = prompt.input_ids.numel()
+        total += length * (llm_forward_flops_per_token(llm, length) - head) + head
+        if prompt.grid_thws is not None:
+            t, h, w = prompt.grid_thws[0].tolist()
+            total += t * h * w * vit_forward_flops_per_patch(config.vit, h * w)
+            total += t * h * w // 4 * visual_head_forward_flops_per_atom(config)
+    return total
+
+
+def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int, prompts: list[EncodedPrompt],
+             text_batch: list[EncodedPrompt] | None, device: torch.device) -> tuple[Timing, Timing | None, list]:
+    """Warm-up batch, timed batches, then the text-only batch (timed, tokens kept for agreement)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    generator = FastGenerator(model, config, options)
+    generator.generate(prompts[:batch])  # warm-up: allocation, graph capture, compile
+    seconds, prefill, decode_ms, flops = [], [], [], 0.0
+    new_tokens = 0
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        synchronize(device)
+        began = time.perf_counter()
+        steps = generator.decode_steps
+        generator.prefill(chunk)
+        synchronize(device)
+        prefilled = time.perf_counter()
+        outputs = generator.decode()  # ends with a copy to the host
+        ended = time.perf_counter()
+        seconds.append(ended - began)
+        prefill.append(prefilled - began)
+        decode_ms.append((ended - prefilled) * 1000 / max(generator.decode_steps - steps, 1))
+        new_tokens += sum(o.numel() for o in outputs)
+        flops += prefill_flops(model.config, chunk)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    mean_len = sum(p.input_ids.numel() for p in prompts) / len(prompts)
+    ours = Timing("litovis", batch, len(prompts), mean_len, seconds, new_tokens, prefill, decode_ms,
+                  flops / sum(prefill) / 1e12, peak)
+    text_timing, text_tokens = None, []
+    if text_batch is not None:
+        synchronize(device)
+        began = time.perf_counter()
+        text_tokens = generator.generate(text_batch)
+        seconds = time.perf_counter() - began
+        text_timing = Timing("litovis text", batch, len(text_batch), text_batch[0].input_ids.numel(), [seconds],
+                             sum(o.numel() for o in text_tokens))
+    del generator
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ours, text_timing, text_tokens
+
+
+def transformers_llm(model, device: torch.device):
+    """transformers' Qwen3ForCausalLM from our LLM config, sharing our LLM's weight tensors (SDPA)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    c = model.llm.config
+    hf_config = Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=c.tie_word_embeddings,
+        attention_bias=False, use_sliding_window=False, attn_implementation="sdpa",
+    )
+    with torch.device("meta"):
+        hf = Qwen3ForCausalLM(hf_config)
+    missing, unexpected = hf.load_state_dict(model.llm.state_dict(), strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weights do not map onto transformers' Qwen3: missing {missing}, unexpected {unexpected}")
+    if c.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_config).to(device)
+    left = [name for name, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"transformers model left on the meta device: {left}")
+    return hf.eval()
+
+
+@torch.no_grad()
+def run_transformers(hf, batch: int, rows: int, tokens: int, new_tokens: int, vocab: int, seed: int,
+                     device: torch.device) -> tuple[Timing, torch.Tensor]:
+    """Time transformers' generate; also return its new tokens of the first batch (for agreement)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(seed)
+    eos = eos_ids(vocab)
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=eos[1],
+                  eos_token_id=list(eos))
+    seconds, produced, first = [], 0, None
+    for _ in range(0, rows, batch):
+        ids = torch.randint(0, min(vocab, 151643), (batch, tokens), generator=gen).to(device)
+        synchronize(device)
+        began = time.perf_counter()
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        synchronize(device)
+        seconds.append(time.perf_counter() - began)
+        produced += out[:, tokens:].numel()
+        if first is None:
+            first = out[:, tokens:].cpu()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Timing("transformers", batch, rows, tokens, seconds, produced, peak_gib=peak), first
+
+
+def agreement(ours: list[torch.Tensor], theirs: torch.Tensor) -> str:
+    """Share of rows whose first new token, and whose every new token, equal transformers'."""
+    ours = torch.stack(ours)
+    same_first = (ours[:, 0] == theirs[:, 0]).float().mean().item()
+    same_all = (ours == theirs).all(-1).float().mean().item()
+    return f"first {same_first:.0%}, all {same_all:.0%}"
+
+
+def text_batch_like(batch: int, tokens: int, vocab: int, seed: int) -> list[EncodedPrompt]:
+    """The first text-only batch `run_transformers` draws (same generator, same order)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(vocab, 151643), (batch, tokens), generator=gen)
+    return [EncodedPrompt(row.clone()) for row in ids]
+
+
+def print_table(timings: list[Timing]) -> None:
+    header = (f"{'impl':<16} {'batch':>5} {'rows':>5} {'prompt':>7} {'s/batch':>8} {'new tok/s':>10} "
+              f"{'prefill s':>9} {'TFLOP/s':>8} {'decode ms/step':>14} {'2,493 rows':>10} {'peak GiB':>8}  agree")
+    print(header)
+    print("-" * len(header))
+    for t in timings:
+        prefill = f"{sum(t.prefill) / len(t.prefill):.2f}" if t.prefill else "-"
+        tflops = f"{t.prefill_tflops:.0f}" if t.prefill_tflops else "-"
+        decode = f"{sum(t.decode_ms) / len(t.decode_ms):.2f}" if t.decode_ms else "-"
+        peak = f"{t.peak_gib:.1f}" if t.peak_gib is not None else "-"
+        print(f"{t.name:<16} {t.batch:>5} {t.rows:>5} {t.prompt_tokens:>7.0f} {t.per_batch:>8.2f} "
+              f"{t.tokens_per_s:>10.0f} {prefill:>9} {tflops:>8} {decode:>14} {t.projected_min():>8.1f} m "
+              f"{peak:>8}  {t.agree}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 16,64; --small: 2,4)")
+    parser.add_argument("--rows", type=int, default=0, help="rows timed per batch size (default: 2 batches)")
+    parser.add_argument("--small", action="store_true", help="tiny preset, CPU unless CUDA is present")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the LLM decoder layers in place (prefill and decode)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--decode-attention", default="sdpa,matmul",
+                        help="decode attention variants to time, comma-separated (sdpa, matmul)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (default 1940; --small: 64)")
+    parser.add_argument("--image-side", type=int, default=None, help="image side in px (default 1280; --small: 64)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-prefill-tokens", type=int, default=16384)
+    parser.add_argument("--sync-every", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    small = args.small
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not small and device.type != "cuda":
+        raise SystemExit("the 9B benchmark needs CUDA; use --small on CPU")
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("2,4" if small else "16,64")).split(",")]
+    tokens = args.prompt_tokens or (64 if small else 1940)
+    side = args.image_side or (64 if small else 1280)
+    if side % 32:
+        raise SystemExit("--image-side must be a multiple of 32 (patch 16 x hidden stride 2)")
+    grid = (1, side // 16, side // 16)
+
+    torch.manual_seed(args.seed)
+    dtype = torch.float32 if small and device.type == "cpu" else torch.bfloat16
+    model = build_ovis(preset("tiny" if small else "9b"), dtype=dtype, device=device).eval()
+    vocab = model.config.llm.vocab_size
+    if args.compile:
+        for layer in model.llm.model.layers:
+            layer.compile()
+    eos = eos_ids(vocab)
+    config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_ids=eos,
+                              pad_token_id=eos[1])
+    variants = args.decode_attention.split(",")
+    options = {name: DecodeOptions(max_prefill_tokens=args.max_prefill_tokens, sync_every=args.sync_every,
+                                   cuda_graphs=args.cuda_graphs, decode_attention=name)
+               for name in variants}
+    for variant in options.values():
+        variant.validate()
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}; "
+          f"torch {torch.__version__}; python {platform.python_version()}; {'tiny' if small else '9b'} in {dtype}")
+    kernel = varlen_kernel_name() if device.type == "cuda" else None
+    print(f"prefill attention: {kernel or 'SDPA with a block mask (no varlen kernel)'}; decode: "
+          f"{'CUDA graph' if args.cuda_graphs and device.type == 'cuda' else 'eager'}"
+          f"{' + torch.compile' if args.compile else ''}; sync every {args.sync_every} steps")
+    if device.type == "cuda":
+        print(f"bf16 matmul peak: {measure_matmul_tflops(device):.0f} TFLOP/s")
+    print(f"prompts: {tokens} tokens, every other row one {side}x{side} image ({grid[1] * grid[2] // 4} atoms); "
+          f"{args.new_tokens} new tokens forced; projection: {TEST_ROWS} rows\n")
+
+    hf = None if args.no_baseline else transformers_llm(model, device)
+    if hf is not None:  # transformers' own warm-up (kernels, allocator)
+        warm = torch.randint(0, min(vocab, 151643), (2, 16)).to(device)
+        hf.generate(input_ids=warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4,
+                    pad_token_id=eos[1], eos_token_id=list(eos))
+    timings: list[Timing] = []
+    ratios: list[str] = []
+    for batch in batch_sizes:
+        rows = args.rows or 2 * batch
+        prompts = synth_prompts(rows, tokens, grid, vocab, images=True, seed=args.seed + batch)
+        text = text_batch_like(batch, tokens, vocab, args.seed + 1000 + batch) if hf is not None else None
+        ours_runs = []
+        for name, variant in options.items():
+            try:
+                ours, ours_text, text_tokens = run_ours(model, config, variant, batch, prompts, text, device)
+            except RuntimeError as err:  # report and go on with the other variants
+                print(f"batch {batch}, decode attention {name}: FAILED: {err}")
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            ours.name = f"litovis {name}"
+            timings.append(ours)
+            if ours_text is not None:
+                ours_text.name = f"  text {name}"
+                timings.append(ours_text)
+                ours_runs.append((name, ours, ours_text, text_tokens))
+        if hf is None or not ours_runs:
+            continue
+        theirs, their_tokens = run_transformers(hf, batch, rows, tokens, args.new_tokens, vocab,
+                                                args.seed + 1000 + batch, device)
+        timings.append(theirs)
+        for name, ours, ours_text, text_tokens in ours_runs:
+            ours_text.agree = agreement(text_tokens, their_tokens)
+            ratios.append(f"batch {batch}, {name}: {ours.tokens_per_s / theirs.tokens_per_s:.1f}x (half the rows "
+                          f"with images), {ours_text.tokens_per_s / theirs.tokens_per_s:.1f}x (same text-only batch)")
+    print_table(timings)
+    if ratios:
+        print("\nnew tokens/s, litovis / transformers generate:")
+        for line in ratios:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

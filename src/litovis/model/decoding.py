@@ -1,0 +1,367 @@
+"""Fast batched generation: packed prefill into a per-row static KV cache, then a captured decode step.
+
+One batch of encoded prompts goes through two phases:
+
+- **Prefill without padding.** The prompts are concatenated into one packed row (`cu_seqlens`,
+  causal attention that never crosses prompts, varlen flash kernel on CUDA), in chunks of at
+  most `max_prefill_tokens` whole prompts. The vision tower runs once per image, inside the
+  chunk that holds it. Every layer scatters each prompt's keys/values into its row of the cache,
+  slot = position, and only the last position of each prompt reaches the output projection.
+- **Decode with static shapes.** One token per row against the whole cache `[B, kv_heads, S, D]`,
+  with a per-row mask `slot <= position` and in-place cache writes at each row's position.
+  Batch and cache length are padded to buckets (padding rows are inactive and only ever emit
+  pad); the step (embedding, layers, head, `TokenSelector.advance`) reads and writes fixed
+  buffers only, so on CUDA it is captured once per (batch bucket, cache length) in a
+  `torch.cuda.CUDAGraph` and replayed. The host syncs only every `sync_every` steps, to stop
+  once every row has finished; finished rows keep running harmlessly until then. Attention
+  over the cache folds the query heads of each K/V head into one query block (no K/V repeat),
+  through SDPA's fused kernel or two batched matmuls (`decode_attention`).
+
+On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
+the eager reference `litovis.model.generation.generate`. Decoder layers compiled in place
+(`layer.compile()`, as training does) serve both phases; their first call per shape happens in
+the warm-up steps before the capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from litovis.model.attention import AttentionLayout, packed_layout
+from litovis.model.config import LLMConfig
+from litovis.model.generation import GenerationConfig, TokenSelector
+from litovis.model.tokens import IMAGE_START_ID, VISUAL_ATOM_ID
+
+if TYPE_CHECKING:
+    from litovis.model.ovis import Ovis2_5
+    from litovis.model.qwen3 import Qwen3ForCausalLM
+
+DEFAULT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class PromptInputs(Protocol):
+    """One encoded prompt (e.g. `litovis.processing.processor.ProcessedSample`)."""
+
+    input_ids: torch.Tensor
+    """`[L]` ids with expanded visual spans."""
+    pixel_values: torch.Tensor | None
+    """`[P, 768]` patches of the prompt's images, in span order (None: text only)."""
+    grid_thws: torch.Tensor | None
+    """`[I, 3]` (t, h, w) in patches per image (None: text only)."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A plain `PromptInputs`."""
+
+    input_ids: torch.Tensor
+    """`[L]` ids with expanded visual spans."""
+    pixel_values: torch.Tensor | None = None
+    """`[P, 768]` patches of the prompt's images, in span order."""
+    grid_thws: torch.Tensor | None = None
+    """`[I, 3]` (t, h, w) in patches per image."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the fast generator lays out memory and work (none of it changes the tokens)."""
+
+    max_prefill_tokens: int = 16384
+    """Most prompt tokens per prefill chunk (whole prompts; a longer prompt runs alone)."""
+    batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
+    """Batch sizes a batch is padded up to (larger batches run at their own size)."""
+    cache_multiple: int = 128
+    """Cache length (longest prompt + max_new_tokens) is rounded up to a multiple of this."""
+    sync_every: int = 16
+    """Decode steps between checks whether every row has finished (0 = never check)."""
+    cuda_graphs: bool = True
+    """Capture the decode step in a CUDA graph (CUDA only; eager elsewhere)."""
+    decode_attention: str = "sdpa"
+    """Decode-step attention over the cache: `"sdpa"` (fused kernel) or `"matmul"` (two batched matmuls)."""
+
+    def validate(self) -> None:
+        """Raise on impossible settings."""
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
+            raise ValueError(f"batch_buckets must be positive sizes, got {self.batch_buckets}")
+        if self.cache_multiple < 1:
+            raise ValueError(f"cache_multiple must be >= 1, got {self.cache_multiple}")
+        if self.sync_every < 0:
+            raise ValueError(f"sync_every must be >= 0, got {self.sync_every}")
+        if self.decode_attention not in ("sdpa", "matmul"):
+            raise ValueError(f"decode_attention must be 'sdpa' or 'matmul', got {self.decode_attention!r}")
+
+
+def bucket_size(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `size` rows (`size` itself beyond the largest bucket)."""
+    fitting = [b for b in buckets if b >= size]
+    return min(fitting) if fitting else size
+
+
+def check_prompt(prompt: PromptInputs, index: int, hidden_stride: int = 2) -> None:
+    """Raise a `ValueError` naming prompt `index` when its ids and images disagree."""
+    ids = prompt.input_ids
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"prompt {index}: input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+    spans = int((ids == IMAGE_START_ID).sum())
+    atoms = int((ids == VISUAL_ATOM_ID).sum())
+    if (prompt.pixel_values is None) != (prompt.grid_thws is None):
+        raise ValueError(f"prompt {index}: pixel_values and grid_thws go together")
+    grids = prompt.grid_thws
+    images = 0 if grids is None else int(grids.shape[0])
+    image_atoms = 0 if grids is None else int(grids.prod(-1).sum()) // hidden_stride ** 2
+    if spans != images or atoms != image_atoms:
+        raise ValueError(f"prompt {index}: {spans} image spans with {atoms} visual atoms in input_ids, but "
+                         f"{images} images with {image_atoms} atoms given")
+
+
+class RowKVCache:
+    """Keys/values per layer `[B, kv_heads, max_len, head_dim]`; row b's token at position p sits in slot p.
+
+    `update` writes at the `CacheWrite` coordinates; what it returns depends on the phase: the
+    packed prefill attends among its own new keys/values, a decode step attends over the cache.
+    """
+
+    def __init__(self, config: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        # Zeros, not empty: masked slots are still multiplied by zero weights, so they must be finite.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.batch = batch
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: CacheWrite) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v `[B', T, kv_heads, D]` (flattened in order) at `write`'s (row, slot) pairs."""
+        heads, dim = k.shape[-2:]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[write.rows, :, write.slots] = k.reshape(-1, heads, dim).to(keys.dtype)
+        values[write.rows, :, write.slots] = v.reshape(-1, heads, dim).to(values.dtype)
+        if write.attend_cache:
+            return keys.transpose(1, 2), values.transpose(1, 2)
+        return k, v
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """Where the new keys/values of one forward go in a `RowKVCache`."""
+
+    rows: torch.Tensor
+    """`[N]` cache row of each new token."""
+    slots: torch.Tensor
+    """`[N]` cache slot (= position) of each new token."""
+    attend_cache: bool
+    """True: the queries attend over the whole cache (decode); False: only among the new tokens."""
+
+
+@torch.no_grad()
+def packed_prefill(model: Ovis2_5, prompts: Sequence[PromptInputs], cache: RowKVCache, rows: Sequence[int]) -> torch.Tensor:
+    """Run `prompts` as one packed row, write their K/V into cache `rows`; return last-position logits `[N, V]`."""
+    llm = model.llm
+    device = cache.keys[0].device
+    lengths = torch.tensor([int(p.input_ids.numel()) for p in prompts])
+    total = int(lengths.sum())
+    ids = torch.cat([p.input_ids for p in prompts]).to(device)
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    pixels = grids = None
+    if with_images:
+        pixels = torch.cat([p.pixel_values for p in with_images]).to(device)
+        grids = torch.cat([p.grid_thws for p in with_images]).to(device)
+    embeds = model.merge_multimodal(ids[None], pixels, grids)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
+    starts = torch.repeat_interleave(cu[:-1], lengths.to(device), output_size=total)
+    positions = torch.arange(total, device=device) - starts
+    layout = packed_layout(cu, int(lengths.max()), total, causal=True, backend=llm.attention_backend,
+                           device=device, dtype=embeds.dtype)
+    row_of_token = torch.repeat_interleave(torch.tensor(list(rows), device=device), lengths.to(device),
+                                           output_size=total)
+    write = CacheWrite(rows=row_of_token, slots=positions, attend_cache=False)
+    hidden = llm.run_layers(embeds, positions[None], layout, cache, write)
+    return llm.logits(hidden[0, cu[1:] - 1])
+
+
+def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                  rows: torch.Tensor, slot_ids: torch.Tensor, attention: str = "sdpa") -> torch.Tensor:
+    """Logits `[B, V]` of one decode step: token b at position (= cache slot) `positions[b]`.
+
+    `attention` is the attention backend over the cache (`"sdpa"` or `"matmul"`).
+    """
+    hidden = llm.model.embed_tokens(tokens[:, None])
+    mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
+    layout = AttentionLayout(causal=True, backend=attention, mask=mask)
+    write = CacheWrite(rows=rows, slots=positions, attend_cache=True)
+    hidden = llm.run_layers(hidden, positions[:, None], layout, cache, write)
+    return llm.logits(hidden[:, 0])
+
+
+class StaticDecoder:
+    """Fixed buffers for one (batch, cache length): the cache, the selector, positions, the step.
+
+    `step()` runs one decode step: replaying its CUDA graph when captured, eagerly otherwise.
+    """
+
+    def __init__(self, model: Ovis2_5, config: GenerationConfig, batch: int, max_len: int,
+                 options: DecodeOptions) -> None:
+        llm = model.llm
+        weight = llm.model.embed_tokens.weight
+        device = weight.device
+        self.llm = llm
+        self.cache = RowKVCache(llm.config, batch, max_len, weight.dtype, device)
+        self.selector = TokenSelector(config, batch, llm.config.vocab_size, device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.slot_ids = torch.arange(max_len, device=device)
+        self.logits = torch.zeros(batch, llm.config.vocab_size, dtype=torch.float32, device=device)
+        self.attention = options.decode_attention
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if options.cuda_graphs and device.type == "cuda":
+            self._capture()
+
+    def _eager_step(self) -> None:
+        logits = decode_logits(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
+                               self.attention)
+        self.selector.advance(logits)
+        self.positions.add_(1)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture one step; the buffers are reset before use."""
+        self.selector.reset(torch.zeros_like(self.selector.unfinished))
+        self.positions.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._eager_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._eager_step()
+        except RuntimeError as err:
+            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
+                               "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
+        self.graph = graph
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step on the current buffers."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._eager_step()
+
+
+class FastGenerator:
+    """Generates new tokens for batches of encoded prompts (see the module docstring).
+
+    Keeps the `StaticDecoder` (cache and captured graph) of the last batch shape and reuses it
+    while batches keep that shape.
+    """
+
+    def __init__(self, model: Ovis2_5, config: GenerationConfig, options: DecodeOptions | None = None) -> None:
+        config.validate()
+        options = options or DecodeOptions()
+        options.validate()
+        self.model = model
+        self.config = config
+        self.options = options
+        self._decoder: StaticDecoder | None = None
+        self._shape: tuple[int, int] | None = None
+        self._count = 0
+        self.decode_steps = 0
+        """Decode steps run so far (for throughput reports)."""
+
+    def _decoder_for(self, batch: int, max_len: int) -> StaticDecoder:
+        if self._shape != (batch, max_len):
+            self._decoder, self._shape = None, None  # free the previous cache and graph first
+            self._decoder = StaticDecoder(self.model, self.config, batch, max_len, self.options)
+            self._shape = (batch, max_len)
+        return self._decoder
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[PromptInputs], row_keys: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """New tokens per prompt (CPU long tensors, eos included when produced).
+
+        `row_keys` key each row's sampling draws (default: the row index in `prompts`).
+        """
+        if not prompts:
+            return []
+        self.prefill(prompts, row_keys)
+        return self.decode()
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[PromptInputs], row_keys: Sequence[int] | None = None) -> None:
+        """First phase of `generate`: set up the batch, run the packed prefill, choose the first tokens."""
+        if not prompts:
+            raise ValueError("prefill needs at least one prompt")
+        stride = self.model.config.vit.hidden_stride
+        for index, prompt in enumerate(prompts):
+            check_prompt(prompt, index, stride)
+        config, options = self.config, self.options
+        lengths = [int(p.input_ids.numel()) for p in prompts]
+        count = len(prompts)
+        multiple = options.cache_multiple
+        max_len = -(-(max(lengths) + config.max_new_tokens) // multiple) * multiple
+        decoder = self._decoder_for(bucket_size(count, options.batch_buckets), max_len)
+        selector = decoder.selector
+
+        active = torch.zeros(selector.unfinished.shape[0], dtype=torch.bool)
+        active[:count] = True
+        keys = torch.arange(active.numel())
+        if row_keys is not None:
+            keys[:count] = torch.as_tensor(list(row_keys), dtype=torch.long)
+        selector.reset(active, keys)
+        decoder.positions.zero_()
+        decoder.logits.zero_()
+        for start, end in _prefill_chunks(lengths, options.max_prefill_tokens):
+            decoder.logits[start:end] = packed_prefill(self.model, prompts[start:end], decoder.cache,
+                                                       range(start, end)).float()
+        decoder.positions[:count] = torch.tensor(lengths, device=decoder.positions.device)
+        selector.advance(decoder.logits)
+        self._count = count
+
+    @torch.no_grad()
+    def decode(self) -> list[torch.Tensor]:
+        """Second phase of `generate`: decode the prefilled batch to the end; new tokens per prompt."""
+        decoder, count, config = self._decoder, self._count, self.config
+        if decoder is None or count == 0:
+            raise RuntimeError("decode() needs a prefill() first")
+        selector = decoder.selector
+        every = self.options.sync_every
+        # No row can stop before min_new_tokens: checking earlier would only stall the GPU.
+        can_stop = not config.ignore_eos and every > 0
+        for step in range(1, config.max_new_tokens):
+            if can_stop and step % every == 0 and step > config.min_new_tokens and not bool(selector.unfinished.any()):
+                break
+            decoder.step()
+            self.decode_steps += 1
+        self._count = 0
+        produced = selector.lengths[:count].cpu()
+        output = selector.output[:count].cpu()
+        return [output[i, : int(produced[i])].clone() for i in range(count)]
+
+
+def _prefill_chunks(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive `(start, end)` groups of prompts with at most `budget` tokens (one prompt at least)."""
+    chunks, start, used = [], 0, 0
+    for index, length in enumerate(lengths):
+        if index > start and used + length > budget:
+            chunks.append((start, index))
+            start, used = index, 0
+        used += length
+    chunks.append((start, len(lengths)))
+    return chunks
+
+
+def pad_results(results: Sequence[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """Results as one `[N, n]` tensor padded with `pad_token_id` (the reference generator's shape)."""
+    width = max((r.numel() for r in results), default=0)
+    out = torch.full((len(results), width), pad_token_id, dtype=torch.long)
+    for i, tokens in enumerate(results):
+        out[i, : tokens.numel()] = tokens
+    return out
