@@ -7,6 +7,7 @@ before and after the CE -> DFT switch, with PiSSA and LoRA dropout on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,70 @@ def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, prepare
     assert 0 < first <= 13
     for step in range(first, 28):
         assert resumed.losses[step] == straight.losses[step], f"step {step} differs after resume"
+
+
+class PredictCrash(L.Callback):
+    """Kills a predict run after its first batch was written."""
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        raise SimulatedCrash("crash after the first prediction batch")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, prepared: dict) -> tuple[Path, Path]:
+    """A briefly trained demo run: its config and its last checkpoint."""
+    root = tmp_path_factory.mktemp("trained")
+    config = demo_config(root, prepared, **{"trainer.max_steps": 4, "trainer.val_check_interval": 4})
+    fit(config, StepRecorder())
+    return config, root / "checkpoints" / "last.ckpt"
+
+
+def predict(config: Path, ckpt: Path, out: Path, split: str = "test", crash: bool = False) -> None:
+    predict_yaml = yaml.safe_load((REPO / "configs/demo_predict.yaml").read_text())
+    writer = predict_yaml["trainer"]["callbacks"][0]["init_args"]
+    writer["output_dir"] = str(out / "parts")
+    writer["submission"] = {"jsonl": str(out / "predictions.jsonl")}
+    if split == "test":
+        writer["submission"]["challenge_csv"] = str(out / "submission.csv")
+    predict_yaml["trainer"]["enable_progress_bar"] = False
+    predict_yaml["data"]["predict_split"] = split
+    overlay = out / "predict.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    overlay.write_text(yaml.safe_dump(predict_yaml))
+    cli = LitovisCLI(args=["--config", str(config), "--config", str(overlay)], run=False)
+    if crash:
+        cli.trainer.callbacks.append(PredictCrash())
+    try:
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), return_predictions=False)
+    except SimulatedCrash:
+        pass
+
+
+def test_predict_writes_each_test_row_once_even_after_a_crash(tmp_path: Path, trained: tuple[Path, Path]) -> None:
+    import pandas as pd
+
+    config, ckpt = trained
+    predict(config, ckpt, tmp_path, crash=True)
+    parts = list((tmp_path / "parts").glob("part-*.jsonl"))
+    written = sum(1 for part in parts for _ in part.open())
+    assert 0 < written < 20, "the crash must leave a partial run"
+    assert not (tmp_path / "submission.csv").exists()
+    predict(config, ckpt, tmp_path)
+    submission = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    test_rows = len(pd.read_parquet(REPO / "data/sample/challenge/test.parquet"))
+    assert list(submission.columns) == ["id", "output"]
+    assert submission["id"].tolist() == [str(i) for i in range(test_rows)]
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").open()]
+    assert sorted(r["id"] for r in records) == sorted(submission["id"])
+    assert all(r["prompt"].startswith("<|im_start|>user") for r in records)
+
+
+def test_validation_predictions_are_scored_per_task(tmp_path: Path, trained: tuple[Path, Path], prepared: dict) -> None:
+    from litovis.evaluation.evaluate import evaluate
+
+    config, ckpt = trained
+    predict(config, ckpt, tmp_path, split="val")
+    result = evaluate(tmp_path / "predictions.jsonl", Path(prepared["output_dir"]) / "val.parquet", tmp_path / "scores.json")
+    assert (tmp_path / "scores.json").exists()
+    assert {"captioning", "math_reasoning", "vqa"} <= set(result["tasks"])
+    assert result["counts"]["missing_predictions"] == 0

@@ -15,6 +15,7 @@ Notable:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 import logging
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -23,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 from litovis.data.batching import collate_packed
 from litovis.data.dataset import MeasuredSamples, SampleDataset, measure_samples
@@ -31,6 +33,8 @@ from litovis.data.loader import ResumableDataLoader
 from litovis.data.prepare import PrepareConfig, load_prepared, run_prepare
 from litovis.data.prompts import load_templates
 from litovis.data.sampler import TokenBudgetBatchSampler
+from litovis.inference.prediction_store import StreamingPredictionWriter, completed_ids
+from litovis.model.scheduling import BatchBudget, plan_batches
 from litovis.processing.processor import OvisProcessor
 from litovis.training.config import ModelSource
 
@@ -99,6 +103,8 @@ class OvisDataModule(L.LightningDataModule):
         batching: batch formation settings.
         num_workers: DataLoader worker processes (image decoding runs there).
         seed: seed of the training order (same on every rank).
+        predict_split: split that `predict` answers: `test` (submission) or `val` (to score with
+            `litovis evaluate` against its targets).
     """
 
     def __init__(
@@ -111,8 +117,11 @@ class OvisDataModule(L.LightningDataModule):
         batching: BatchingConfig | None = None,
         num_workers: int = 2,
         seed: int = 42,
+        predict_split: str = "test",
     ) -> None:
         super().__init__()
+        if predict_split not in ("test", "val"):
+            raise ValueError(f"predict_split must be 'test' or 'val', got {predict_split!r}")
         if prepared_dir is None and prepare is None:
             raise ValueError("give data.prepared_dir (prepared parquet files) or data.prepare (how to make them)")
         if prepared_dir is not None and prepare is not None and Path(prepared_dir) != Path(prepare.output_dir):
@@ -125,6 +134,7 @@ class OvisDataModule(L.LightningDataModule):
         self.batching = batching or BatchingConfig()
         self.num_workers = num_workers
         self.seed = seed
+        self.predict_split = predict_split
         self.task_names: list[str] = []
         self.report = DropReport()
         self.processor: OvisProcessor | None = None
@@ -147,9 +157,11 @@ class OvisDataModule(L.LightningDataModule):
         if self.processor is None:
             self.processor = build_processor(self.source, self.processing)
         templates = load_templates(self.prompts)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("val",), "predict": ("test",)}[stage]
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("val",), "predict": (self.predict_split,)}[stage]
         for split in wanted:
-            if split in self._splits:
+            generation = stage == "predict"
+            key = f"{split}:generation" if generation else split
+            if key in self._splits:
                 continue
             path = self.prepared_dir / f"{split}.parquet"
             if not path.exists():
@@ -157,12 +169,11 @@ class OvisDataModule(L.LightningDataModule):
                     continue
                 raise FileNotFoundError(f"{path} not found: run `litovis prepare` or set data.prepare")
             samples = load_prepared(path)
-            generation = split == "test"
-            self._splits[split] = measure_samples(
-                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{split}"
+            self._splits[key] = measure_samples(
+                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{key}"
             )
         self.templates = templates
-        tasks = {s.task for split in ("train", "val") if split in self._splits for s in self._splits[split].samples}
+        tasks = {s.task for key, split in self._splits.items() for s in split.samples}
         self.task_names = sorted(tasks)
         if self.report.dropped:
             log.warning("samples dropped while measuring:\n%s", self.report.format_table())
@@ -237,8 +248,45 @@ class OvisDataModule(L.LightningDataModule):
     def test_dataloader(self) -> ResumableDataLoader | list:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """Test prompts not yet predicted, longest first, in row and token budgets, sharded by rank.
+
+        Ids already stored by the run's `StreamingPredictionWriter` are skipped, so a rerun of an
+        interrupted prediction only does what is missing.
+        """
+        test = self._splits[f"{self.predict_split}:generation"]
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, StreamingPredictionWriter)), None) if self.trainer else None
+        done: set[str] = set()
+        if writer is not None:
+            done = completed_ids(writer.output_dir)
+            if writer.expected_ids is None:
+                writer.expected_ids = [s.id for s in test.samples]
+        todo = [i for i, sample in enumerate(test.samples) if sample.id not in done]
+        budget = BatchBudget(self.batching.predict_batch_size, self.batching.predict_max_tokens)
+        batches = [[todo[j] for j in batch] for batch in plan_batches([test.lengths[i] for i in todo], budget)]
+        world, rank, _ = self._world()
+        dataset = SampleDataset(
+            test.samples, self.processor, self.templates, generation=True, enable_thinking=self.processing.enable_thinking
+        )
+        return DataLoader(
+            dataset, batch_sampler=PlannedBatches(batches[rank::world]), collate_fn=list, num_workers=self.num_workers
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "task_names": list(self.task_names)}
+
+
+class PlannedBatches(Sampler[list[int]]):
+    """A fixed, precomputed list of batches (Lightning wraps batch samplers, so not a plain list)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def build_processor(source: ModelSource | None, processing: ProcessingConfig) -> OvisProcessor:

@@ -5,8 +5,10 @@ LightningCLI turns these into YAML sections under `model:`; every shipped config
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from litovis.inference.postprocess import PostprocessConfig
 
 
 @dataclass
@@ -22,6 +24,8 @@ class ModelSource:
         dtype: dtype of the frozen base weights (`bfloat16`, `float16`, `float32`).
         attn_backend: `auto` (varlen flash kernel on CUDA, SDPA elsewhere), `sdpa` or `varlen`.
         seed: seed of the random init when no checkpoint is given.
+        adapter: a PEFT LoRA directory (from `litovis export`) applied on the base, for
+            predict/validate/test; continuing training from it is not supported (use `--ckpt_path`).
         init_std: std of the random init (None: the preset's `initializer_range`, 0.02); a
             narrow random model needs a larger one to learn anything through LoRA.
     """
@@ -32,6 +36,7 @@ class ModelSource:
     dtype: str = "bfloat16"
     attn_backend: str = "auto"
     seed: int = 0
+    adapter: str | None = None
     init_std: float | None = None
 
     def __post_init__(self) -> None:
@@ -116,19 +121,22 @@ Finetune = Literal["lora", "full"]
 
 
 @dataclass
-class GenerationConfig:
-    """Decoding settings for `predict` and generation-based validation.
+class PredictConfig:
+    """Decoding settings of `litovis predict` (prompt batching lives in `data.batching`).
 
     Attributes:
         max_new_tokens: upper bound of generated tokens per sample.
-        do_sample: sample instead of greedy decoding.
-        temperature: sampling temperature.
+        do_sample: sample instead of greedy decoding (the reference submission was greedy).
+        temperature: sampling temperature (official 9B default 0.6).
         top_p: nucleus sampling mass.
         top_k: keep the k most likely tokens (0 = off).
-        repetition_penalty: HF-style repetition penalty (1.0 = off).
-        enable_thinking: let the model think (otherwise the empty think block is forced).
-        thinking_budget: max thinking tokens before the thinking is closed (None = unlimited).
-        seed: sampling seed.
+        repetition_penalty: HF-style repetition penalty on generated tokens (1.0 = off).
+        thinking_budget: with thinking prompts, tokens allowed before the thinking is closed by
+            `thinking_suffix` (None = unlimited).
+        thinking_suffix: text forced when the budget runs out; must end with `</think>` and a blank line.
+        seed: sampling seed (a row's draws depend on its id, not on its batch).
+        cuda_graphs: replay the decode step as a CUDA graph (CUDA only).
+        postprocess: answer cleaning rules applied to every generation.
     """
 
     max_new_tokens: int = 1024
@@ -137,14 +145,16 @@ class GenerationConfig:
     top_p: float = 0.95
     top_k: int = 20
     repetition_penalty: float = 1.0
-    enable_thinking: bool = False
     thinking_budget: int | None = None
+    thinking_suffix: str = "\n\nTime is up, so I will answer now based on my thinking so far.\n</think>\n\n"
     seed: int = 0
+    cuda_graphs: bool = True
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
 __all__ = [
     "Finetune",
-    "GenerationConfig",
+    "PredictConfig",
     "LossConfig",
     "MemoryConfig",
     "ModelSource",

@@ -24,11 +24,11 @@ from torch import Tensor
 
 from litovis.training.config import (
     Finetune,
-    GenerationConfig,
     LossConfig,
     MemoryConfig,
     ModelSource,
     OptimizerConfig,
+    PredictConfig,
     Trainable,
 )
 from litovis.training.lora import LoRAConfig, apply_lora, pissa_initialize, restore_pissa_residual
@@ -50,7 +50,7 @@ class OvisFineTuner(L.LightningModule):
         optimizer: AdamW and LR schedule.
         loss: chunked loss settings.
         memory: activation checkpointing and compilation.
-        generation: decoding settings for `predict`.
+        predict: decoding settings for `litovis predict`.
         task_names: task vocabulary for per-task logging (filled from the data module when empty).
     """
 
@@ -63,7 +63,7 @@ class OvisFineTuner(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         loss: LossConfig | None = None,
         memory: MemoryConfig | None = None,
-        generation: GenerationConfig | None = None,
+        predict: PredictConfig | None = None,
         task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -76,7 +76,8 @@ class OvisFineTuner(L.LightningModule):
         self.optim = optimizer or OptimizerConfig()
         self.loss_cfg = loss or LossConfig()
         self.memory = memory or MemoryConfig()
-        self.generation = generation or GenerationConfig()
+        self.predict_cfg = predict or PredictConfig()
+        self._predictor = None
         self.task_names = list(task_names or [])
         self.model: torch.nn.Module | None = None
         self.loss_kind = "ce"
@@ -106,7 +107,11 @@ class OvisFineTuner(L.LightningModule):
         ovis.set_attention_backend(self.source.attn_backend)
         ovis.train()  # load_ovis returns eval mode; LoRA dropout must be active
         ovis.requires_grad_(False)
-        if self.finetune == "lora":
+        if self.source.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(ovis, self.source.adapter, is_trainable=False)
+        elif self.finetune == "lora":
             model = apply_lora(ovis, self.lora)
             self._pissa_pending = self.lora.is_pissa
         else:
@@ -173,6 +178,8 @@ class OvisFineTuner(L.LightningModule):
         if self._pissa_pending:
             self._pissa_initial = pissa_initialize(self.model, self.lora)
             self._pissa_pending = False
+        if self.source.adapter is not None:
+            raise ValueError("model.source.adapter is for predict/validate/test; to continue a run use --ckpt_path")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("nothing to train: every parameter is frozen")
@@ -298,6 +305,19 @@ class OvisFineTuner(L.LightningModule):
         if "val/loss" in logs:
             self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1, rank_zero_only=True)
         stats.reset()
+
+    # ------------------------------------------------------------- predict
+    def on_predict_start(self) -> None:
+        from litovis.inference.predictor import Predictor
+
+        if hasattr(self.model, "merge_adapter"):
+            self.model.merge_adapter()  # decode at base-model cost; predict never trains
+        self.ovis.eval()
+        tokenizer = self.trainer.datamodule.processor.tokenizer
+        self._predictor = Predictor(self.ovis, tokenizer, self.predict_cfg)
+
+    def predict_step(self, batch: list, batch_idx: int) -> list[dict[str, str]]:
+        return self._predictor(batch)
 
     # ----------------------------------------------------------- checkpoints
     def trainable_names(self) -> list[str]:
