@@ -15,10 +15,9 @@ def test_kind_follows_the_global_step() -> None:
     assert LossSchedule(dft_from_step=0).kind_at(0) == "dft"
 
 
-def test_rewarm_ramps_the_learning_rate_after_the_switch() -> None:
-    schedule = LossSchedule(dft_from_step=100, on_switch="rewarm", rewarm_steps=4)
-    assert [schedule.lr_factor(s) for s in (99, 100, 101, 103, 200)] == [1.0, 0.25, 0.5, 1.0, 1.0]
-    assert LossSchedule(dft_from_step=100).lr_factor(100) == 1.0
+def test_only_rewarm_restarts_the_lr_schedule() -> None:
+    assert LossSchedule(dft_from_step=100, on_switch="rewarm", rewarm_steps=4).schedule_restart() == (100, 4)
+    assert LossSchedule(dft_from_step=100).schedule_restart() is None
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 Notable: the loss kind is a pure function of `trainer.global_step`, so a resumed run (or a run
 resumed from an SFT checkpoint with a later `dft_from_step`) needs no saved state to pick the right
 loss. At the switch the AdamW second moments still reflect the ~10-20x larger CE gradients; the
-options are to keep them, reset the optimizer state, or re-warm the learning rate
-(`lr_factor`, composed into the module's LR schedule).
+options are to keep them, reset the optimizer state, or re-warm: restart the LR schedule at the
+switch (linear warm-up back to the peak, then cosine to the end) — what a DFT phase resumed from a
+late SFT checkpoint needs, since the SFT cosine is close to zero there.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ class LossSchedule(L.Callback):
     Args:
         dft_from_step: global step from which DFT replaces CE; None = CE throughout, 0 = DFT
             from the start.
-        on_switch: what happens to the optimizer at the switch: `keep` its state, `reset_optimizer`
+        on_switch: what happens at the switch: `keep` the optimizer state, `reset_optimizer`
             (clear AdamW moments once, at the first micro-batch of the switch step), or `rewarm`
-            (linear LR warm-up over `rewarm_steps` starting at the switch).
-        rewarm_steps: length of the LR re-warm; required > 0 with `on_switch: rewarm`.
+            (the LR schedule restarts at the switch: warm-up over `rewarm_steps`, then cosine).
+        rewarm_steps: warm-up length of the restarted schedule; required > 0 with `rewarm`.
     """
 
     def __init__(self, dft_from_step: int | None = None, on_switch: SwitchAction = "keep", rewarm_steps: int = 0) -> None:
@@ -47,11 +48,11 @@ class LossSchedule(L.Callback):
         """Loss kind (`ce` or `dft`) used for the optimizer step `step`."""
         return "dft" if self.dft_from_step is not None and step >= self.dft_from_step else "ce"
 
-    def lr_factor(self, step: int) -> float:
-        """Multiplier on the scheduled learning rate (the re-warm ramp after the switch)."""
-        if self.on_switch != "rewarm" or self.dft_from_step is None or step < self.dft_from_step:
-            return 1.0
-        return min(1.0, (step - self.dft_from_step + 1) / self.rewarm_steps)
+    def schedule_restart(self) -> tuple[int, int] | None:
+        """(step, warm-up steps) where the LR schedule restarts, or None (`rewarm` only)."""
+        if self.on_switch != "rewarm":
+            return None
+        return self.dft_from_step, self.rewarm_steps
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -39,6 +39,19 @@ from litovis.training.token_stats import TokenStats
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, restart: tuple[int, int] | None = None) -> float:
+    """LR multiplier at `step`: linear warm-up, then cosine from 1 to `floor` at `total`.
+
+    With `restart=(start, warmup)` the same shape starts over at step `start` (DFT re-warm).
+    """
+    start, warm = (0, warmup) if restart is None or step < restart[0] else restart
+    local, length = step - start, max(1, total - start)
+    if local < warm:
+        return (local + 1) / (warm + 1)
+    progress = min(1.0, (local - warm) / max(1, length - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class OvisFineTuner(L.LightningModule):
     """Ovis2.5 + LoRA (or full fine-tuning of the LLM) trained with chunked CE/DFT.
 
@@ -195,16 +208,8 @@ class OvisFineTuner(L.LightningModule):
         total = self._total_steps()
         warmup = self.optim.warmup_steps if self.optim.warmup_steps is not None else round(self.optim.warmup_ratio * total)
         schedule = next((c for c in self.trainer.callbacks if isinstance(c, LossSchedule)), None)
-        floor = self.optim.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                value = (step + 1) / (warmup + 1)
-            else:
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                value = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-            return value * (schedule.lr_factor(step) if schedule else 1.0)
-
+        restart = schedule.schedule_restart() if schedule is not None else None
+        factor = partial(lr_factor, total=total, warmup=warmup, floor=self.optim.min_lr_ratio, restart=restart)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
