@@ -222,9 +222,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
     mask = layout.mask
     if groups > 1 and q.shape[2] == 1 and not (layout.causal and mask is None):
         return _sdpa_single_query(q, k, v, mask, scale).transpose(1, 2)
-    # SDPA's own GQA runs on CPU and in the flash kernel (no mask); the masked CUDA kernels
-    # need K/V heads repeated.
-    native_gqa = q.device.type == "cpu" or mask is None
+    # SDPA's own GQA is used on CPU only: on CUDA (torch 2.11) `enable_gqa` fails in some kernels
+    # it may pick, with or without a mask. Packed training and prefill take the varlen kernel
+    # (native GQA) and decoding folds heads, so repeating K/V here costs little where it matters.
+    native_gqa = q.device.type == "cpu"
     if groups > 1 and not native_gqa:
         k, v = _repeat_kv(k, groups, 3), _repeat_kv(v, groups, 3)
     out = F.scaled_dot_product_attention(
