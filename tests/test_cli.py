@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning as L
 import pytest
-import torch
 import yaml
 
 from litovis.cli import LitovisCLI
@@ -224,3 +223,34 @@ def test_validation_predictions_are_scored_per_task(tmp_path: Path, trained: tup
     assert (tmp_path / "scores.json").exists()
     assert {"captioning", "math_reasoning", "vqa"} <= set(result["tasks"])
     assert result["counts"]["missing_predictions"] == 0
+
+
+def test_prepare_command_takes_a_config_and_field_overrides(tmp_path: Path) -> None:
+    from litovis.cli import main
+
+    main(["prepare", "--config", "configs/prepare/sample.yaml", "--output_dir", str(tmp_path / "out"),
+          "--image_dir", str(tmp_path / "images"), "--seed", "7"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {"train.parquet", "val.parquet", "test.parquet"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert report
+
+
+def test_export_and_evaluate_commands(tmp_path: Path, trained: tuple[Path, Path], prepared: dict) -> None:
+    from litovis.cli import main
+
+    _, ckpt = trained
+    main(["export", "--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "adapter"), "--dtype", "float32"])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    references = Path(prepared["output_dir"]) / "val.parquet"
+    import pandas as pd
+
+    rows = pd.read_parquet(references)
+    with (tmp_path / "perfect.jsonl").open("w") as f:
+        for row in rows.itertuples():
+            f.write(json.dumps({"id": row.id, "task": row.task, "prompt": "", "raw": row.target, "answer": row.target}) + "\n")
+    main(["evaluate", "--predictions", str(tmp_path / "perfect.jsonl"), "--references", str(references),
+          "--output", str(tmp_path / "scores.json")])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    for task in ("math_reasoning", "vqa", "text_qa"):
+        entry = scores["tasks"][task]
+        assert entry["metrics"][entry["primary"]] == 1.0, task

@@ -41,12 +41,26 @@ def tool_main(command: str, args: list[str]) -> object:
     from jsonargparse import auto_cli
 
     if command == "prepare":
-        from litovis.data.prepare import prepare_command as function
-    elif command == "evaluate":
+        return prepare_main(args)
+    if command == "evaluate":
         from litovis.evaluation.evaluate import evaluate as function
     else:
         from litovis.inference.export import export as function
     return auto_cli(function, args=args, as_positional=False)
+
+
+def prepare_main(args: list[str]) -> object:
+    """`litovis prepare --config configs/prepare/X.yaml [--seed 7 ...]`: raw data -> prepared parquet."""
+    from jsonargparse import ArgumentParser
+
+    from litovis.data.prepare import PrepareConfig, run_prepare
+
+    parser = ArgumentParser(prog="litovis prepare", description="Read, fetch, curate and split raw data.")
+    parser.add_argument("--prepare", type=PrepareConfig, required=True, help="a configs/prepare/*.yaml file")
+    # `--config X` is the YAML of a PrepareConfig; `--field value` overrides one of its fields.
+    renamed = ["--prepare" if a == "--config" else a.replace("--config=", "--prepare=", 1) for a in args]
+    nested = [f"--prepare.{a[2:]}" if a.startswith("--") and not a.startswith(("--prepare", "--help")) else a for a in renamed]
+    return run_prepare(parser.instantiate(parser.parse_args(nested)).prepare)
 
 
 def main(argv: list[str] | None = None) -> None:
