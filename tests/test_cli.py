@@ -133,6 +133,7 @@ def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, prepare
         "trainer.val_check_interval": 14,
         "model.lora.dropout": 0.05,
         "data.batching.max_tokens": 2048,
+        "data.num_workers": 0,  # worker-process resumption is covered by tests/data/test_loader.py
         "data.batching.max_samples": 16,
         "callbacks.LossSchedule.dft_from_step": 20,
     }
