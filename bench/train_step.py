@@ -26,7 +26,14 @@ the bf16 matmul rate measured at start (`measure_matmul_tflops`); peak = max all
 real % = real tokens / computed positions (packing has no padding); fill % = tokens /
 (micro-batches x budget); loss = the last timed step's loss (random init: about ln 151936 = 11.9).
 
-    PYTHONPATH=src python bench/train_step.py --ckpt-layers 36,28 --compile both --json out.json
+Settings: each (budget, checkpointed layers) pair of --settings (or of --budget x --ckpt-layers)
+runs every litovis workload; `--compile both` then builds a compiled model and reruns the settings
+that worked, fastest first, the mix before a. Rows run in isolation (an OOM or compile error is
+printed and the next row runs), are printed and saved to --json as they finish, and rows that
+would end past --time-limit are skipped.
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=src python bench/train_step.py \
+        --settings 16384:36,16384:28 --compile both --json out.json
     PYTHONPATH=src python bench/train_step.py --small     # tiny preset on CPU: the script runs
 """
 
@@ -152,10 +159,10 @@ def make_workloads(scale: Scale, budget: int, warmup: int, steps: int, vocab: in
 
 
 # ------------------------------------------------------------------ the two stacks
-def build_litovis(scale: Scale, compiled: bool, device: torch.device) -> OvisFineTuner:
+def build_litovis(scale: Scale, compiled: bool, device: torch.device, attention: str = "auto") -> OvisFineTuner:
     """The training module exactly as `litovis fit` builds it (random init, LoRA `default` init)."""
     module = OvisFineTuner(
-        ModelSource(preset=scale.preset, dtype="bfloat16"),
+        ModelSource(preset=scale.preset, dtype="bfloat16", attn_backend=attention),
         lora=LoRAConfig(init="default"),
         memory=MemoryConfig(gradient_checkpointing=True, compile=compiled),
         task_names=TASKS,
@@ -443,7 +450,7 @@ class Bench:
                 order = sorted((s for s in settings if s in eager_speed), key=lambda s: -eager_speed[s])
             self.log(f"building litovis ({self.scale.preset}, {mode})")
             try:
-                module = build_litovis(self.scale, compiled, device)
+                module = build_litovis(self.scale, compiled, device, args.attn)
                 optimizer = module.build_optimizer()
             except Exception:  # noqa: BLE001
                 traceback.print_exc(file=sys.stdout)
@@ -484,14 +491,17 @@ def parse_settings(args: argparse.Namespace, scale: Scale, parser: argparse.Argu
     def ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
 
-    if args.settings:
-        settings = [tuple(int(v) for v in pair.split(":")) for pair in args.settings.split(",") if pair.strip()]
-        if any(len(pair) != 2 for pair in settings):
-            parser.error("--settings takes BUDGET:CKPT pairs, e.g. 16384:36,8192:18")
-    else:
-        budgets = ints(args.budget) if args.budget else [scale.budget]
-        ckpts = ints(args.ckpt_layers) if args.ckpt_layers else [1 if args.small else 28]
-        settings = [(b, k) for b in budgets for k in ckpts]
+    try:
+        if args.settings:
+            settings = [tuple(ints(pair.replace(":", ","))) for pair in args.settings.split(",") if pair.strip()]
+        else:
+            budgets = ints(args.budget) if args.budget else [scale.budget]
+            ckpts = ints(args.ckpt_layers) if args.ckpt_layers else [1 if args.small else 28]
+            settings = [(b, k) for b in budgets for k in ckpts]
+    except ValueError as err:
+        parser.error(f"--settings, --budget and --ckpt-layers take integers: {err}")
+    if any(len(pair) != 2 for pair in settings):
+        parser.error("--settings takes BUDGET:CKPT pairs, e.g. 16384:36,8192:18")
     layers = preset(scale.preset).llm.num_hidden_layers
     if any(not 0 <= k <= layers or b < 1 for b, k in settings):
         parser.error(f"checkpointed layers must be within 0..{layers} and budgets positive: {settings}")
@@ -513,6 +523,8 @@ def main() -> None:
                         "over the eager settings that ran, fastest first")
     parser.add_argument("--compile-allowance", type=float, default=150.0,
                         help="seconds the time guard adds for the first compiled row (compilation)")
+    parser.add_argument("--attn", default="auto", choices=["auto", "varlen", "sdpa"],
+                        help="litovis attention backend (auto: the varlen flash kernel on CUDA)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0 = off)")
     parser.add_argument("--time-limit", type=float, default=450.0,
                         help="skip rows that would end after this many seconds (they are printed as skipped)")
