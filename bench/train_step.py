@@ -448,13 +448,17 @@ class Bench:
             order = settings
             if compiled and eager_speed:  # compile the fastest eager settings first; skip failed ones
                 order = sorted((s for s in settings if s in eager_speed), key=lambda s: -eager_speed[s])
-            self.log(f"building litovis ({self.scale.preset}, {mode})")
-            try:
-                module = build_litovis(self.scale, compiled, device, args.attn)
-                optimizer = module.build_optimizer()
-            except Exception:  # noqa: BLE001
-                traceback.print_exc(file=sys.stdout)
-                module = optimizer = None
+            module = optimizer = None
+            if time.perf_counter() - self.started + (args.compile_allowance if compiled else 0) > args.time_limit:
+                no_model = f"skipped: no time left for the {mode} pass (--time-limit)"
+            else:
+                self.log(f"building litovis ({self.scale.preset}, {mode})")
+                no_model = "failed: the model was not built"
+                try:
+                    module = build_litovis(self.scale, compiled, device, args.attn)
+                    optimizer = module.build_optimizer()
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc(file=sys.stdout)
             for budget, ckpt in order:
                 setting = f"budget {budget}, ckpt {ckpt}, {mode}"
                 if budget not in data:
@@ -469,8 +473,8 @@ class Bench:
                 for name in sorted(names, key="bca".index) if compiled else names:
                     work = data[budget].get(name)
                     if module is None or work is None:
-                        why = "the model was not built" if module is None else "no data for this budget"
-                        rows.append(self.report.add(Row(name, setting, status=f"failed: {why}")))
+                        why = no_model if module is None else "failed: no data for this budget"
+                        rows.append(self.report.add(Row(name, setting, status=why)))
                         continue
                     module.ovis.llm.set_gradient_checkpointing(True, num_layers=ckpt)
                     module.loss_kind = work.loss_kind
@@ -526,7 +530,7 @@ def main() -> None:
     parser.add_argument("--attn", default="auto", choices=["auto", "varlen", "sdpa"],
                         help="litovis attention backend (auto: the varlen flash kernel on CUDA)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0 = off)")
-    parser.add_argument("--time-limit", type=float, default=450.0,
+    parser.add_argument("--time-limit", type=float, default=420.0,
                         help="skip rows that would end after this many seconds (they are printed as skipped)")
     parser.add_argument("--small", action="store_true", help="tiny preset on CPU (checks the script runs)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
