@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -47,7 +47,13 @@ from litovis.data.loader import ResumableDataLoader
 from litovis.data.prompts import load_templates
 from litovis.data.sample import Sample
 from litovis.data.sampler import TokenBudgetBatchSampler
-from litovis.processing.image import load_image, normalize_pixels, patchify, smart_resize, to_rgb
+from litovis.processing.image import (
+    load_image,
+    normalize_pixels,
+    patchify,
+    smart_resize,
+    to_rgb,
+)
 from litovis.processing.processor import OvisProcessor
 from litovis.processing.tiny_tokenizer import build_tiny_tokenizer
 
@@ -127,24 +133,24 @@ def profile(paths: list[Path], resize_paths: list[Path], processor: OvisProcesso
         stages.setdefault(name, []).append(ms)
         return result
 
-    for path in paths:
+    for index, path in enumerate(paths):
         data = record("read file", path.read_bytes)
 
-        def decode(data=data) -> Image.Image:
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
-                return opened.copy()
+        def decode(data: bytes = data) -> Image.Image:
+            opened = Image.open(io.BytesIO(data))  # in-memory: nothing to close
+            opened.load()
+            return opened
 
         decoded = record("JPEG decode (PIL)", decode)
-        rgb = record("to_rgb (EXIF, mode, copy)", lambda: to_rgb(decoded))
-        record("normalize + patchify, reference", lambda: reference_image_patches(rgb))
-        record("image_patches (fast, same bits)", lambda: image_module.image_patches(rgb))
-        record("whole sample: SampleDataset[i]", lambda i=paths.index(path): dataset[i])
+        rgb = record("to_rgb (EXIF, mode, copy)", partial(to_rgb, decoded))
+        record("normalize + patchify, reference", partial(reference_image_patches, rgb))
+        record("image_patches (fast, same bits)", partial(image_module.image_patches, rgb))
+        record("whole sample: SampleDataset[i]", partial(dataset.__getitem__, index))
     for path in resize_paths:
         image = load_image(path)
         height, width = smart_resize(image.height, image.width)
         record(f"resize {image.width}x{image.height} -> {width}x{height} (bilinear)",
-               lambda: image.resize((width, height), resample=image_module.RESAMPLE))
+               partial(image.resize, (width, height), resample=image_module.RESAMPLE))
     items = [dataset[i] for i in range(min(budget_samples, n))]
     ms, batch = timed(lambda: collate_packed(items, [TASK]), 3)
     stages["collate_packed (per sample)"] = [ms / len(items)]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -48,8 +49,8 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -60,7 +61,12 @@ from litovis.model.attention import varlen_kernel_name
 from litovis.model.config import LLMConfig
 from litovis.model.flops import measure_matmul_tflops, training_flops
 from litovis.model.presets import preset
-from litovis.model.tokens import IGNORE_INDEX, IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
+from litovis.model.tokens import (
+    IGNORE_INDEX,
+    IMAGE_END_ID,
+    IMAGE_START_ID,
+    VISUAL_ATOM_ID,
+)
 from litovis.training.config import MemoryConfig, ModelSource
 from litovis.training.lora import LLM_PROJECTIONS, LoRAConfig
 from litovis.training.module import OvisFineTuner
@@ -330,10 +336,10 @@ def time_steps(step: Callable, warmup: list, timed: list, device: torch.device) 
     mark()
     if cuda:
         torch.cuda.synchronize(device)
-        seconds = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        seconds = [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
-        seconds, peak = [b - a for a, b in zip(marks, marks[1:])], math.nan
+        seconds, peak = [b - a for a, b in itertools.pairwise(marks)], math.nan
     after = compiled_graphs()
     return seconds, peak, float(loss), None if graphs is None or after is None else after - graphs
 

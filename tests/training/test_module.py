@@ -6,6 +6,8 @@ cross-entropy), independently of the chunked loss the module uses.
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import pytest
 import torch
@@ -72,7 +74,7 @@ def reference_token_losses(module: OvisFineTuner, batch: PackedBatch) -> torch.T
     ).logits[0].float()
     bounds = batch.cu_seqlens.tolist()
     losses = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         losses.append(F.cross_entropy(logits[start : end - 1], batch.labels[0, start + 1 : end], reduction="none",
                                       ignore_index=IGNORE_INDEX)[batch.labels[0, start + 1 : end] != IGNORE_INDEX])
     return torch.cat(losses)
