@@ -18,6 +18,7 @@ from litovis.processing.image import (
     ImageLoadError,
     ImagePreprocessor,
     ImageTooLargeError,
+    image_patches,
     load_image,
     normalize_pixels,
     patchify,
@@ -88,6 +89,53 @@ def test_block_order_survives_the_whole_pipeline():
         assert torch.equal(patch[0], (2 * (patch_row * 16 + local))[:, None].expand(16, 16))
         assert torch.equal(patch[1], (2 * (patch_col * 16 + local))[None, :].expand(16, 16))
         assert torch.all(patch[2] == 9)
+
+
+def reference_patches(image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    return patchify(normalize_pixels(image))
+
+
+def test_image_patches_equal_the_reference_for_every_level_in_every_channel():
+    y, x = np.mgrid[0:64, 0:256]
+    levels = np.stack([(x + 7 * y + 85 * c) % 256 for c in range(3)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(levels, mode="RGB")
+    assert all(len(np.unique(levels[..., c])) == 256 for c in range(3))
+    got, grid = image_patches(image)
+    expected, expected_grid = reference_patches(image)
+    assert grid == expected_grid == (1, 4, 16)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (96, 64), (320, 448)])
+def test_image_patches_equal_the_reference_on_random_and_decoded_images(size):
+    width, height = size
+    rng = np.random.default_rng(width * height)
+    noise = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
+    encoded = io.BytesIO()
+    noise.save(encoded, format="JPEG", quality=80)
+    decoded = load_image(encoded.getvalue())
+    for image in (noise, decoded):
+        got, grid = image_patches(image)
+        expected, expected_grid = reference_patches(image)
+        assert grid == expected_grid
+        assert torch.equal(got, expected)
+
+
+def test_image_patches_honour_patch_size_and_stride():
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8), mode="RGB")
+    got, grid = image_patches(image, patch_size=8, hidden_stride=3)
+    expected, expected_grid = patchify(normalize_pixels(image), patch_size=8, hidden_stride=3)
+    assert grid == expected_grid == (1, 6, 9)
+    assert torch.equal(got, expected)
+
+
+def test_image_patches_reject_non_rgb_and_off_grid_images():
+    with pytest.raises(ValueError, match="RGB"):
+        image_patches(Image.new("L", (32, 32)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        image_patches(Image.new("RGB", (48, 32)))
 
 
 def test_patchify_rejects_sizes_that_are_not_block_multiples():

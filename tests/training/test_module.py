@@ -1,11 +1,23 @@
-"""OvisFineTuner pieces that need no Trainer: the LR schedule and checkpoint key checks."""
+"""OvisFineTuner without a fit loop: LR schedule, model set-up, checkpoint key checks,
+`training_loss`, `training_step`'s scaling and `build_optimizer`.
 
+Reference losses are computed from full logits (`Ovis2_5.forward`'s logits, float32
+cross-entropy), independently of the chunked loss the module uses.
+"""
+
+from __future__ import annotations
+
+import itertools
 import math
 
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
-from litovis.training.config import ModelSource
+from litovis.data.batching import EncodedSample, PackedBatch, collate_packed
+from litovis.model.tokens import IGNORE_INDEX
+from litovis.training.config import MemoryConfig, ModelSource, OptimizerConfig
 from litovis.training.lora import LoRAConfig
 from litovis.training.module import OvisFineTuner, lr_factor
 
@@ -73,3 +85,119 @@ def test_full_finetune_trains_the_llm_only() -> None:
     assert names and all(n.startswith("model.llm.") for n in names)
     with pytest.raises(ValueError, match="finetune"):
         OvisFineTuner(ModelSource(preset="tiny"), finetune="partial")
+
+
+TASKS = ["captioning", "text_qa"]
+
+
+def make_module(**kwargs) -> OvisFineTuner:
+    module = OvisFineTuner(
+        ModelSource(preset="tiny", dtype="float32", init_std=0.1),
+        lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0, init="default"),
+        memory=MemoryConfig(gradient_checkpointing=False),
+        task_names=TASKS,
+        **kwargs,
+    )
+    module.configure_model()
+    with torch.no_grad():  # B = 0 would make the adapters a no-op; give them a value
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return module
+
+
+def sample(name: str, task: str, prompt: int, answer: int, image_side: int | None, seed: int) -> EncodedSample:
+    """Random prompt ids, an optional image span after the first prompt token, labelled answer ids."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 500, (prompt + answer,), generator=gen)
+    labels = ids.clone()
+    labels[:prompt] = IGNORE_INDEX
+    pixel_values = grid = None
+    if image_side is not None:
+        patches = image_side // 16
+        atoms = patches * patches // 4
+        span = torch.tensor([-301] + [-300] * atoms + [-302])
+        ids = torch.cat([ids[:1], span, ids[1:]])
+        labels = torch.cat([labels[:1], torch.full_like(span, IGNORE_INDEX), labels[1:]])
+        pixel_values = torch.randn(patches * patches, 768, generator=gen)
+        grid = torch.tensor([[1, patches, patches]])
+    return EncodedSample(name, task, ids, labels, pixel_values, grid)
+
+
+def optimizer_step_batches() -> list[PackedBatch]:
+    """One optimizer step of two packed micro-batches; `step_num_targets` filled as the loader does."""
+    first = collate_packed([sample("a", "captioning", 5, 7, 64, 1), sample("b", "text_qa", 9, 4, None, 2)], TASKS)
+    second = collate_packed([sample("c", "text_qa", 6, 11, None, 3)], TASKS)
+    total = first.num_targets + second.num_targets
+    for batch in (first, second):
+        batch.step_num_targets = total
+    return [first, second]
+
+
+def reference_token_losses(module: OvisFineTuner, batch: PackedBatch) -> torch.Tensor:
+    """Per-target CE from full float32 logits, samples shifted one by one (no packing tricks)."""
+    logits = module.model(
+        input_ids=batch.input_ids, pixel_values=batch.pixel_values, grid_thws=batch.grid_thws,
+        position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+    ).logits[0].float()
+    bounds = batch.cu_seqlens.tolist()
+    losses = []
+    for start, end in itertools.pairwise(bounds):
+        losses.append(F.cross_entropy(logits[start : end - 1], batch.labels[0, start + 1 : end], reduction="none",
+                                      ignore_index=IGNORE_INDEX)[batch.labels[0, start + 1 : end] != IGNORE_INDEX])
+    return torch.cat(losses)
+
+
+@pytest.mark.parametrize("kind", ["ce", "dft"])
+def test_training_loss_sums_to_the_step_mean(kind: str) -> None:
+    module = make_module()
+    module.loss_kind = kind
+    batches = optimizer_step_batches()
+    total = batches[0].step_num_targets
+    got = sum(module.training_loss(b, torch.tensor(float(total))) for b in batches)
+    with torch.no_grad():
+        ce = torch.cat([reference_token_losses(module, b) for b in batches])
+    per_token = ce if kind == "ce" else ce * torch.exp(-ce)
+    assert ce.numel() == total
+    torch.testing.assert_close(got.detach(), per_token.sum() / total, rtol=1e-5, atol=1e-6)
+    # the running statistics saw every target of the step once
+    assert module._train_stats.targets == total
+
+
+def test_training_loss_gradient_matches_full_logits() -> None:
+    module = make_module()
+    (batch,) = optimizer_step_batches()[1:]
+    targets = torch.tensor(float(batch.num_targets))
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    got = torch.autograd.grad(module.training_loss(batch, targets), trainable)
+    expected = torch.autograd.grad(reference_token_losses(module, batch).mean(), trainable)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_training_step_undoes_lightning_accumulation_averaging() -> None:
+    module = make_module()
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, accumulate_grad_batches=3, logger=False,
+                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    batch = optimizer_step_batches()[0]
+    step = module.training_step(batch, 0)
+    plain = module.training_loss(batch, torch.tensor(float(batch.step_num_targets)))
+    torch.testing.assert_close(step, 3 * plain)
+
+
+def test_build_optimizer_covers_exactly_the_trainable_parameters() -> None:
+    module = make_module(optimizer=OptimizerConfig(lr=3e-4, betas=(0.8, 0.9), weight_decay=0.1))
+    optimizer = module.build_optimizer()
+    (group,) = optimizer.param_groups
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert {id(p) for p in group["params"]} == {id(p) for p in trainable}
+    assert len(group["params"]) == len(trainable) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert (group["lr"], group["betas"], group["weight_decay"], group["fused"]) == (3e-4, (0.8, 0.9), 0.1, False)
+
+
+def test_build_optimizer_refuses_a_fully_frozen_model() -> None:
+    module = make_module()
+    module.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="nothing to train"):
+        module.build_optimizer()

@@ -6,7 +6,9 @@ with PIL bilinear, rescaled by 1/255, normalized with mean = std = 0.5, and cut 
 patches in *2x2-block order*: four consecutive rows of `pixel_values` are one 2x2 block of
 patches (top-left, top-right, bottom-left, bottom-right), blocks row-major over the grid. Each
 row is one patch flattened channel-major (C, then temporal, then patch rows, then patch columns),
-so it can be viewed as `[3, 16, 16]` by the ViT's Conv2d patch embedding.
+so it can be viewed as `[3, 16, 16]` by the ViT's Conv2d patch embedding. `normalize_pixels` and
+`patchify` spell these steps out; the preprocessor runs `image_patches`, which gives the same bits
+several times faster (it reorders uint8 pixels before converting them).
 
 Notable choices (each differs from the official code, which would silently do otherwise):
 - An aspect ratio above 200 raises `ImageAspectRatioError`; the official code squeezes the long
@@ -281,6 +283,36 @@ def patchify(
     return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), (grid_t, grid_h, grid_w)
 
 
+def image_patches(
+    image: Image.Image, patch_size: int = 16, hidden_stride: int = 2
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """`patchify(normalize_pixels(image), patch_size, hidden_stride)` of one RGB image, bit for bit.
+
+    Several times faster: the patches are reordered while still uint8 (a quarter of the bytes)
+    and normalized in place afterwards, in float32 only. Dividing a uint8 level by 255 in float32
+    rounds exactly as `normalize_pixels`' float64 division followed by a float32 cast (true for
+    all 256 levels, which the tests check), and the remaining operations are the same, so every
+    value is identical.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode}; use to_rgb first")
+    width, height = image.size
+    factor = patch_size * hidden_stride
+    if height % factor or width % factor:
+        raise ValueError(f"pixel size {height}x{width} (h x w) is not a multiple of {factor}")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    blocks = np.asarray(image).reshape(
+        grid_h // hidden_stride, hidden_stride, patch_size, grid_w // hidden_stride, hidden_stride, patch_size, 3
+    )
+    # -> (block_row, block_col, row_in_block, col_in_block, C, patch_y, patch_x), as in `patchify`
+    rows = np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 6, 2, 5)).reshape(grid_h * grid_w, -1)
+    values = rows.astype(np.float32)
+    values /= np.float32(255.0)
+    values -= np.float32(IMAGE_MEAN)
+    values /= np.float32(IMAGE_STD)
+    return torch.from_numpy(values), (1, grid_h, grid_w)
+
+
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """Turns one image into `(pixel_values [t*h*w, 768], (t, h, w))` for the Ovis2.5 ViT.
@@ -331,6 +363,5 @@ class ImagePreprocessor:
             raise ImageAspectRatioError(f"{_describe(source, name)}: {err}") from err
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=RESAMPLE)
-        return patchify(
-            normalize_pixels(image), self.patch_size, self.hidden_stride, self.temporal_patch_size
-        )
+        # temporal_patch_size is 1 (checked above): one image is one temporal patch
+        return image_patches(image, self.patch_size, self.hidden_stride)

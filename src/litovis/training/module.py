@@ -194,18 +194,7 @@ class OvisFineTuner(L.LightningModule):
             self._pissa_pending = False
         if self.source.adapter is not None:
             raise ValueError("model.source.adapter is for predict/validate/test; to continue a run use --ckpt_path")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError("nothing to train: every parameter is frozen")
-        fused = self.optim.fused if self.optim.fused is not None else params[0].is_cuda
-        opt = torch.optim.AdamW(
-            params,
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
-            eps=self.optim.eps,
-            weight_decay=self.optim.weight_decay,
-            fused=fused,
-        )
+        opt = self.build_optimizer()
         total = self._total_steps()
         warmup = self.optim.warmup_steps if self.optim.warmup_steps is not None else round(self.optim.warmup_ratio * total)
         schedule = next((c for c in self.trainer.callbacks if isinstance(c, LossSchedule)), None)
@@ -213,6 +202,24 @@ class OvisFineTuner(L.LightningModule):
         factor = partial(lr_factor, total=total, warmup=warmup, floor=self.optim.min_lr_ratio, restart=restart)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over every trainable parameter (fused on CUDA unless configured otherwise).
+
+        `configure_optimizers` adds the LR schedule; benchmarks drive this optimizer directly.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("nothing to train: every parameter is frozen")
+        fused = self.optim.fused if self.optim.fused is not None else params[0].is_cuda
+        return torch.optim.AdamW(
+            params,
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+            weight_decay=self.optim.weight_decay,
+            fused=fused,
+        )
 
     def _total_steps(self) -> int:
         if self.optim.total_steps is not None:
@@ -253,17 +260,29 @@ class OvisFineTuner(L.LightningModule):
     def _stats(self, existing: TokenStats | None) -> TokenStats:
         return existing if existing is not None else TokenStats(max(1, len(self.task_names)), self.device)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_loss(self, batch: Any, step_targets: Tensor, averaged_over: int = 1) -> Tensor:
+        """This micro-batch's share of its optimizer step's per-target-token mean loss.
+
+        Returns `loss_sum * averaged_over / step_targets` with the current loss kind (CE or DFT):
+        `step_targets` counts the targets of the whole optimizer step (all micro-batches, all
+        ranks), and `averaged_over` undoes a framework's own averaging of the returned losses
+        (1 when the caller back-propagates each returned loss as it is). Also adds the
+        micro-batch's per-token statistics to the running training stats.
+        """
         result, mask, token_task = self._token_loss(batch, self.loss_kind)
-        # Per-target-token mean over the whole optimizer step and all ranks; Lightning divides the
-        # returned loss by accumulate_grad_batches and DDP averages over ranks: undo both.
-        step_targets = torch.as_tensor(float(batch.step_num_targets), device=self.device)
-        step_targets = self.trainer.strategy.reduce(step_targets, reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / step_targets.clamp(min=1)
+        scale = averaged_over / step_targets.clamp(min=1)
         per_token = result.dft if self.loss_kind == "dft" else result.ce
         self._train_stats = self._stats(self._train_stats)
         self._train_stats.add(per_token, result.ce, result.dft, result.correct, mask, token_task)
         return result.loss_sum * scale
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        # Per-target-token mean over the whole optimizer step and all ranks; Lightning divides the
+        # returned loss by accumulate_grad_batches and DDP averages over ranks: undo both.
+        step_targets = torch.as_tensor(float(batch.step_num_targets), device=self.device)
+        step_targets = self.trainer.strategy.reduce(step_targets, reduce_op="sum")
+        averaged_over = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return self.training_loss(batch, step_targets, averaged_over)
 
     def on_train_start(self) -> None:
         self._logged_step = self.trainer.global_step
