@@ -165,11 +165,12 @@ def make_workloads(scale: Scale, budget: int, warmup: int, steps: int, vocab: in
 
 
 # ------------------------------------------------------------------ the two stacks
-def build_litovis(scale: Scale, compiled: bool, device: torch.device, attention: str = "auto") -> OvisFineTuner:
+def build_litovis(scale: Scale, compiled: bool, device: torch.device, attention: str = "auto",
+                  dropout: float = 0.05) -> OvisFineTuner:
     """The training module exactly as `litovis fit` builds it (random init, LoRA `default` init)."""
     module = OvisFineTuner(
         ModelSource(preset=scale.preset, dtype="bfloat16", attn_backend=attention),
-        lora=LoRAConfig(init="default"),
+        lora=LoRAConfig(init="default", dropout=dropout),
         memory=MemoryConfig(gradient_checkpointing=True, compile=compiled),
         task_names=TASKS,
     )
@@ -430,7 +431,7 @@ class Bench:
         setting = f"transformers+peft, sdpa, ckpt all, {scale.text_samples} x {scale.text_length}"
         self.log("building the transformers + peft baseline")
         try:
-            model = build_baseline(self.config.llm, LoRAConfig(init="default"), device)
+            model = build_baseline(self.config.llm, LoRAConfig(init="default", dropout=args.lora_dropout), device)
             optimizer = fused_adamw([p for p in model.parameters() if p.requires_grad])
         except Exception as err:  # noqa: BLE001
             traceback.print_exc(file=sys.stdout)
@@ -461,7 +462,7 @@ class Bench:
                 self.log(f"building litovis ({self.scale.preset}, {mode})")
                 no_model = "failed: the model was not built"
                 try:
-                    module = build_litovis(self.scale, compiled, device, args.attn)
+                    module = build_litovis(self.scale, compiled, device, args.attn, args.lora_dropout)
                     optimizer = module.build_optimizer()
                 except Exception:  # noqa: BLE001
                     traceback.print_exc(file=sys.stdout)
@@ -535,6 +536,7 @@ def main() -> None:
                         help="seconds the time guard adds for the first compiled row (compilation)")
     parser.add_argument("--attn", default="auto", choices=["auto", "varlen", "sdpa"],
                         help="litovis attention backend (auto: the varlen flash kernel on CUDA)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of both stacks")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0 = off)")
     parser.add_argument("--time-limit", type=float, default=420.0,
                         help="skip rows that would end after this many seconds (they are printed as skipped)")
