@@ -166,12 +166,12 @@ def make_workloads(scale: Scale, budget: int, warmup: int, steps: int, vocab: in
 
 # ------------------------------------------------------------------ the two stacks
 def build_litovis(scale: Scale, compiled: bool, device: torch.device, attention: str = "auto",
-                  dropout: float = 0.05) -> OvisFineTuner:
+                  dropout: float = 0.05, act_budget: float = 1.0) -> OvisFineTuner:
     """The training module exactly as `litovis fit` builds it (random init, LoRA `default` init)."""
     module = OvisFineTuner(
         ModelSource(preset=scale.preset, dtype="bfloat16", attn_backend=attention),
         lora=LoRAConfig(init="default", dropout=dropout),
-        memory=MemoryConfig(gradient_checkpointing=True, compile=compiled),
+        memory=MemoryConfig(gradient_checkpointing=True, compile=compiled, activation_memory_budget=act_budget),
         task_names=TASKS,
     )
     with torch.device(device):
@@ -450,8 +450,12 @@ class Bench:
         args, device, rows = self.args, self.device, []
         data: dict[int, dict[str, Workload]] = {}
         eager_speed: dict[tuple[int, int], float] = {}
-        for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
-            mode = "compiled" if compiled else "eager"
+        budgets = [float(b) for b in args.act_budgets.split(",")]
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+        for compiled, act_budget in [(c, b) for c in modes for b in (budgets if c else [1.0])]:
+            mode = ("compiled" if act_budget == 1 else f"compiled, act {act_budget:g}") if compiled else "eager"
+            if compiled:
+                torch._dynamo.reset()  # a new activation budget needs fresh graphs
             order = settings
             if compiled and eager_speed:  # compile the fastest eager settings first; skip failed ones
                 order = sorted((s for s in settings if s in eager_speed), key=lambda s: -eager_speed[s])
@@ -462,7 +466,7 @@ class Bench:
                 self.log(f"building litovis ({self.scale.preset}, {mode})")
                 no_model = "failed: the model was not built"
                 try:
-                    module = build_litovis(self.scale, compiled, device, args.attn, args.lora_dropout)
+                    module = build_litovis(self.scale, compiled, device, args.attn, args.lora_dropout, act_budget)
                     optimizer = module.build_optimizer()
                 except Exception:  # noqa: BLE001
                     traceback.print_exc(file=sys.stdout)
@@ -537,6 +541,8 @@ def main() -> None:
     parser.add_argument("--attn", default="auto", choices=["auto", "varlen", "sdpa"],
                         help="litovis attention backend (auto: the varlen flash kernel on CUDA)")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of both stacks")
+    parser.add_argument("--act-budgets", default="1.0",
+                        help="compiled passes: comma list of memory.activation_memory_budget values, one pass each")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0 = off)")
     parser.add_argument("--time-limit", type=float, default=420.0,
                         help="skip rows that would end after this many seconds (they are printed as skipped)")

@@ -111,10 +111,20 @@ class MemoryConfig:
         gradient_checkpointing: recompute activations of decoder layers in backward: `true` = all
             LLM layers, `false` = none, an int k = the first k layers (the rest keep activations).
         compile: `torch.compile` each decoder layer.
+        activation_memory_budget: with `compile`, the share (0-1] of a compiled layer's
+            activations kept for backward; the compiler recomputes the rest, cheapest ops first,
+            dropout masks included. A finer trade than checkpointing whole layers; 1 = keep all.
     """
 
     gradient_checkpointing: bool | int = True
     compile: bool = False
+    activation_memory_budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.activation_memory_budget <= 1:
+            raise ValueError(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
+        if self.activation_memory_budget < 1 and not self.compile:
+            raise ValueError("activation_memory_budget < 1 works through torch.compile: set memory.compile: true")
 
 
 Finetune = Literal["lora", "full"]

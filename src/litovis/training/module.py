@@ -144,6 +144,13 @@ class OvisFineTuner(L.LightningModule):
         else:
             ovis.llm.set_gradient_checkpointing(True, num_layers=checkpointing)
         if self.memory.compile:
+            if self.memory.activation_memory_budget < 1:
+                import torch._functorch.config as functorch_config
+
+                # the partitioner may then recompute activations; on CUDA random ones (dropout
+                # masks) too, replayed from their Philox seeds
+                functorch_config.activation_memory_budget = self.memory.activation_memory_budget
+                functorch_config.functionalize_rng_ops = device.type == "cuda"
             for layer in ovis.llm.model.layers:
                 layer.compile()
         self.model = model
