@@ -33,6 +33,7 @@ from litovis.data.prompts import load_templates
 from litovis.data.sampler import TokenBudgetBatchSampler
 from litovis.processing.processor import OvisProcessor
 from litovis.training.config import ModelSource
+from litovis.training.graceful_stop import shield_worker_from_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ class OvisDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=self.num_workers > 0,
+            # A stop signal sent to the whole process group must reach the trainer, not kill workers.
+            worker_init_fn=shield_worker_from_stop_signals,
             # Own generator: creating worker iterators must not consume the global RNG (dropout).
             generator=torch.Generator().manual_seed(self.seed),
         )
