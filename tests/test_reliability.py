@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -322,3 +323,63 @@ def test_images_broken_after_preparation_are_skipped_and_training_goes_on(
     epoch = seen.ids[0]
     assert len(epoch) == len(set(epoch)), "no sample twice in an epoch"
     assert set(epoch) == {s.id for s in train} - header_ids - skipped
+
+
+class PoisonHiddenStates(L.Callback):
+    """Makes the LLM's final hidden states NaN during optimizer step `step` (loss and gradients follow)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.handle, self.ids = step, None, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            self.ids = list(batch.sample_ids)
+            norm = pl_module.ovis.llm.model.norm
+            self.handle = norm.register_forward_hook(lambda module, args, output: output * float("nan"))
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class TrainableSnapshots(L.Callback):
+    """Trainable weights and optimizer state after every optimizer step ([0] = before the first)."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[dict, dict]] = []
+
+    def _take(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        moments = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in trainer.optimizers[0].state_dict()["state"].items()}
+        self.states.append((weights, moments))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._take(trainer, pl_module)
+
+
+def test_a_nan_batch_in_the_demo_changes_nothing_and_training_goes_on(
+    tmp_path: Path, prepared: dict, caplog: pytest.LogCaptureFixture,  # noqa: F811
+) -> None:
+    config = demo_config(tmp_path, prepared, save_every=100, **{"trainer.max_steps": 5, "data.num_workers": 0})
+    poison, snapshots = PoisonHiddenStates(step=2), TrainableSnapshots()
+    cli = LitovisCLI(args=["--config", str(config)], run=False)
+    cli.trainer.callbacks[:0] = [poison, snapshots]
+    with caplog.at_level(logging.WARNING, logger="litovis.training.nonfinite_guard"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    states = snapshots.states
+    assert len(states) == 6 and poison.ids
+
+    def same(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+        tensors = lambda s: [*s[0].values(), *(v for m in s[1].values() for v in m.values() if torch.is_tensor(v))]  # noqa: E731
+        return all(torch.equal(x, y) for x, y in zip(tensors(a), tensors(b), strict=True))
+
+    assert same(states[3], states[2]), "the NaN step changed weights or AdamW state"
+    assert not same(states[4], states[3]) and not same(states[2], states[1])
+    assert all(torch.isfinite(w).all() for w in states[-1][0].values())
+    assert "optimizer step 2 skipped (non-finite loss" in caplog.text and str(poison.ids[:3])[1:-1] in caplog.text
+    assert cli.model._ce_ema is not None and math.isfinite(cli.model._ce_ema)
