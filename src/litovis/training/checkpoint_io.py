@@ -25,7 +25,6 @@ checkpoint in the same directory. Sharded FSDP checkpoints are directories writt
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import uuid
 import zipfile
@@ -35,10 +34,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _load as lightning_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -197,5 +193,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
             )
         local = _local_path(path)
         if local is None:
-            return lightning_load(path, map_location=map_location, weights_only=True)
+            with get_filesystem(path).open(str(path), "rb") as handle:
+                return torch.load(handle, map_location=map_location, weights_only=True)
         return load_checkpoint_file(local, map_location=map_location)
