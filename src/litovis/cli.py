@@ -8,7 +8,7 @@
 Notable: checkpoints carry no hyper-parameters (`load_from_checkpoint_support=False`), so
 `--ckpt_path` restores weights and loop state and never overrides the YAML you pass; the model
 source is linked into the data module, so the tokenizer and image geometry can never disagree with
-the model.
+the model. `--ckpt_path` is always loaded with `weights_only=True` (`--weights_only false` is refused).
 """
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ class LitovisCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # tokenizer and image geometry come from the model's source
         parser.link_arguments("model.source", "data.source")
+
+    def before_instantiate_classes(self) -> None:
+        # `--ckpt_path` is read with torch.load(weights_only=True): a checkpoint never runs code.
+        if self.subcommand is None:
+            return
+        arguments = self.config[self.subcommand]
+        if arguments.get("weights_only") is False:
+            raise ValueError("--weights_only false is refused: litovis checkpoints hold tensors and plain data only")
+        arguments["weights_only"] = True
 
 
 def tool_main(command: str, args: list[str]) -> object:

@@ -59,6 +59,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.headers.get("User-Agent", "").encode())
         elif route == "/corrupt":
             self._send(200, b"this is not an image at all")
+        elif route == "/trickle":  # one byte every 20 ms: every read is prompt, the body never ends
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(500):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.02)
+        elif route == "/silent":  # accepts the request, never answers
+            time.sleep(3.0)
+        elif route == "/to-ftp":
+            self._send(301, b"", {"Location": "ftp://127.0.0.1/a.jpg"})
+        elif route == "/loop":  # redirects to itself forever
+            self._send(302, b"", {"Location": "/loop"})
         else:
             self._send(404)
 

@@ -65,3 +65,33 @@ def test_missing_columns_name_the_file(tmp_path):
         read_dacon(tmp_path / "train.csv", "train", DropReport())
     with pytest.raises(SourceError, match="not found"):
         read_dacon(tmp_path / "absent.csv", "train", DropReport())
+
+
+def test_malformed_csv_rows_are_dropped_and_the_rest_survive(tmp_path):
+    (tmp_path / "image" / "train").mkdir(parents=True)
+    (tmp_path / "image" / "train" / "a.jpg").write_bytes(image_bytes("JPEG"))
+    (tmp_path / "train.csv").write_bytes(
+        b"\xef\xbb\xbf\n"  # a byte-order mark and a blank line before the header
+        b"ID,image_id,question,answer\n"
+        b"T0,a,Is it red?,yes\n"
+        b"T1,a,Too,many,fields\n"
+        b"T2,a,Bad byte \xff here?,no\n"
+        b'T3,a,"' + b"q" * 200_000 + b'",long\n'  # a field over csv.field_size_limit()
+        b"T4,a\n"
+        b"\n"
+        b"T5,a\x00,NUL in the image id?,x\n"
+        b"T6,a,Still read?,yes\n"
+    )
+    report = DropReport(max_examples=None)
+    samples = read_dacon(tmp_path / "train.csv", "train", report)
+    assert [s.id for s in samples] == ["T0", "T6"]
+    reasons = {e.source.rsplit(":", 1)[1]: e.reason for e in report.examples}
+    assert reasons == {"1": "bad csv row", "2": "bad encoding", "3": "bad csv row", "4": "bad csv row",
+                       "5": "bad image path"}
+    assert report.seen == 7 == len(samples) + report.dropped
+
+
+def test_an_empty_csv_is_a_source_error(tmp_path):
+    (tmp_path / "train.csv").write_bytes(b"")
+    with pytest.raises(SourceError, match="train.csv: not a readable CSV"):
+        read_dacon(tmp_path / "train.csv", "train", DropReport())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -86,3 +87,23 @@ def test_connection_refused_is_a_retried_connection_error():
         port = probe.getsockname()[1]
     err, waits = _fail(f"http://127.0.0.1:{port}/x.jpg", retries=1)
     assert err.reason == "connection error" and len(waits) == 1
+
+
+def test_a_body_that_trickles_forever_hits_the_whole_body_deadline(http_server):
+    start = time.monotonic()
+    err, _ = _fail(http_server + "/trickle", retries=0, timeout=0.5)
+    assert err.reason == "timeout" and "body not complete" in err.detail
+    assert time.monotonic() - start < 3.0
+
+
+def test_a_server_that_never_answers_times_out(http_server):
+    start = time.monotonic()
+    err, _ = _fail(http_server + "/silent", retries=0, timeout=0.3)
+    assert err.reason == "timeout" and time.monotonic() - start < 2.5
+
+
+def test_redirects_to_ftp_and_redirect_loops_end_with_a_reason(http_server):
+    err, _ = _fail(http_server + "/to-ftp", retries=2)
+    assert err.reason == "bad scheme" and http_server.hits["/to-ftp"] == 1
+    err, _ = _fail(http_server + "/loop", retries=2)
+    assert err.reason.startswith("http 30") and not err.transient

@@ -116,3 +116,13 @@ def test_progress_line_on_stderr(tmp_path, capsys):
     fetch_images([_s(0, image_bytes()), _s(1, b"bad")], tmp_path, FetchOptions(workers=1))
     err = capsys.readouterr().err
     assert "fetch images: 2/2 (1 failed)" in err and "corrupt image" in err
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(buffer, "PNG")  # mid-gray in 16 bits
+    save_as_jpeg(buffer.getvalue(), tmp_path / "gray.jpg", 10**6)
+    with Image.open(tmp_path / "gray.jpg") as image:
+        assert image.getpixel((8, 8)) == pytest.approx((128, 128, 128), abs=2)

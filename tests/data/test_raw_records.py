@@ -83,3 +83,37 @@ def test_image_root_resolves_inside_and_refuses_escapes(tmp_path):
         images.resolve("file:///etc/passwd")
     with pytest.raises(RowError, match="bad image reference"):
         images.resolve(7)
+
+
+def test_a_hostile_jsonl_line_spoils_only_itself(tmp_path):
+    jsonl = tmp_path / "hostile.jsonl"
+    jsonl.write_bytes(
+        b'\xef\xbb\xbf{"a": 0}\n'  # a byte-order mark before the first record
+        b'\xff\xfe{"a": 1}\n'  # not UTF-8
+        + b"[" * 100_000 + b"\n"  # nesting deep enough to exhaust the recursion limit
+        + b'{"a": ' + b"9" * 5000 + b"}\n"  # an integer longer than Python converts
+        + b"\x00\x00\n"
+        + b'{"a": 5}\r\n'
+    )
+    records = list(read_json_records(jsonl))
+    assert [i for i, _ in records] == [0, 1, 2, 3, 4, 5]
+    assert records[0][1] == {"a": 0} and records[5][1] == {"a": 5}
+    reasons = [r.reason for _, r in records[1:5]]
+    assert reasons == ["bad encoding", "bad json", "bad json", "bad json"]
+
+
+def test_a_hostile_json_list_is_one_clear_source_error(tmp_path):
+    listing = tmp_path / "deep.json"
+    listing.write_text("[" * 100_000)
+    with pytest.raises(SourceError, match="deep.json: not valid JSON"):
+        list(read_json_records(listing))
+    listing.write_bytes(b"[\xff]")
+    with pytest.raises(SourceError, match="deep.json: not valid JSON"):
+        list(read_json_records(listing))
+
+
+@pytest.mark.parametrize("ref", ["img/a\x00.jpg", "a" * 5000 + ".jpg", "a/" * 3000 + "x.jpg"])
+def test_paths_the_filesystem_cannot_take_are_row_errors(tmp_path, ref):
+    with pytest.raises(RowError) as err:
+        ImageRoot(tmp_path).resolve(ref)
+    assert err.value.reason == "bad image path"

@@ -1,7 +1,8 @@
 """Reader for the Dacon image VQA CSVs (`ID, image_id, question[, answer]` + `image/<split>/`).
 
-Every cell is read as text with pandas' NA parsing off, so answers such as "None" or "NA" stay
-strings. `id` is the `ID` column (the submission key), task `dacon_vqa`, fields `{"question"}`,
+Every cell is read as text (the `csv` module, no NA parsing), so answers such as "None" or "NA"
+stay strings; a row that is not valid CSV or UTF-8 (wrong field count, over-long field, bad bytes)
+is dropped with its reason instead of failing the whole file. `id` is the `ID` column (the submission key), task `dacon_vqa`, fields `{"question"}`,
 `group` the image id (so a split keeps all questions about one image on one side).
 A train row whose image file is missing is dropped with a reason; on a test split nothing may be
 dropped, and `read_source` turns any drop into an error listing every affected ID.
@@ -9,6 +10,8 @@ dropped, and `read_source` turns any drop into an error listing every affected I
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 from litovis.data.drops import DropReport
@@ -48,25 +51,19 @@ def read_dacon(
             Image ids that resolve outside it are refused unless `allow_outside_root`.
         stage: stage name in `report`.
     """
-    import pandas as pd
-
     path = require_file(path, "Dacon CSV")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise SourceError(f"{path}: not a readable CSV ({err})") from err
     with_answer = split != "test"
-    require_columns(
-        path, frame.columns, ("ID", "image_id", "question") + (("answer",) if with_answer else ())
-    )
+    columns = ["ID", "image_id", "question"] + (["answer"] if with_answer else [])
     root = ImageRoot(
         Path(image_dir) if image_dir is not None else default_dacon_image_dir(path, split),
         allow_outside=allow_outside_root,
     )
-    columns = ["ID", "image_id", "question"] + (["answer"] if with_answer else [])
     samples: list[Sample] = []
-    for index, values in enumerate(frame[columns].itertuples(index=False, name=None)):
+    for index, values in _csv_rows(path, columns):
         source = f"{path}:{index}"
+        if isinstance(values, RowError):
+            report.drop(stage, values.reason, source, values.detail)
+            continue
         row = dict(zip(columns, values))
         try:
             image_id = required_text(row["image_id"], "image_id").strip()
@@ -85,3 +82,48 @@ def read_dacon(
         report.keep(stage)
         samples.append(sample)
     return samples
+
+
+def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, list[str] | RowError]]:
+    """(row index, the `columns` cells) per non-blank data row; a malformed row yields `RowError`.
+
+    Raises `SourceError` when the header is unreadable or lacks a column.
+    """
+    # surrogateescape: a bad byte spoils only its own row (checked below), not the whole file.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+            while not header:  # blank lines before the header
+                header = next(reader)
+        except (StopIteration, csv.Error) as err:
+            raise SourceError(f"{path}: not a readable CSV (no header row: {err or 'empty file'})") from None
+        require_columns(path, header, columns)
+        positions = [header.index(c) for c in columns]
+        index = 0
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # e.g. a field over csv.field_size_limit()
+                yield index, RowError("bad csv row", f"line {reader.line_num}: {err}")
+                index += 1
+                continue
+            if not cells:
+                continue  # blank line
+            if len(cells) != len(header):
+                yield index, RowError("bad csv row", f"line {reader.line_num}: {len(cells)} fields, header has {len(header)}")
+            elif any(_has_bad_bytes(cell) for cell in cells):
+                yield index, RowError("bad encoding", f"line {reader.line_num}: not UTF-8")
+            else:
+                yield index, [cells[i] for i in positions]
+            index += 1
+
+
+def _has_bad_bytes(cell: str) -> bool:
+    try:
+        cell.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes survive as lone surrogates
+        return True
+    return False

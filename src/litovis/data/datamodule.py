@@ -37,6 +37,7 @@ from litovis.inference.prediction_store import StreamingPredictionWriter, comple
 from litovis.model.scheduling import BatchBudget, plan_batches
 from litovis.processing.processor import OvisProcessor
 from litovis.training.config import ModelSource
+from litovis.training.graceful_stop import shield_worker_from_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ class OvisDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=self.num_workers > 0,
+            # A stop signal sent to the whole process group must reach the trainer, not kill workers.
+            worker_init_fn=shield_worker_from_stop_signals,
             # Own generator: creating worker iterators must not consume the global RNG (dropout).
             generator=torch.Generator().manual_seed(self.seed),
         )

@@ -3,8 +3,9 @@
 Each item renders the task prompt (`litovis.data.prompts`, the same templates for training and
 inference), loads and patchifies its images and tokenizes the conversation (`OvisProcessor`).
 `measure_samples` computes every sample's exact length and target count up front from text and
-image headers only, so over-long samples are dropped (train/val) or refused (test) before training
-starts, and the batch sampler can budget tokens without decoding a single image.
+image headers only, so over-long samples and decompression bombs are dropped (train/val) or refused
+(test) before training starts, and the batch sampler can budget tokens without decoding a single
+image. A training image that breaks after measuring makes its item None (skipped by the collators).
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def measure_samples(
     for sample in samples:
         try:
             messages = render_messages(sample, templates, include_target=not generation)
-            sizes = [read_image_size(image, name=f"{sample.source} image {i}") for i, image in enumerate(sample.images)]
+            cap = processor.image_preprocessor.max_image_pixels  # bombs are refused here, not at load time
+            sizes = [
+                read_image_size(image, name=f"{sample.source} image {i}", max_image_pixels=cap)
+                for i, image in enumerate(sample.images)
+            ]
             length, targets = processor.measure(messages, sizes, add_generation_prompt=generation)
         except SAMPLE_ERRORS as err:
             reason, detail = type(err).__name__, str(err)
@@ -124,10 +129,10 @@ class SampleDataset(Dataset[EncodedSample | None]):
         sample = self.samples[index]
         try:
             return self.encode(sample)
-        except ImageLoadError as err:
+        except (ImageLoadError, ImageAspectRatioError) as err:
             if self.generation:
                 raise
-            # The header was readable when measured but the body is not: skip it, loudly.
+            # The image measured fine but broke or changed since: skip the sample, loudly.
             log.warning("skipping sample %s: %s", sample.id, err)
             return None
 

@@ -2,7 +2,8 @@
 
 `download` fetches one URL into memory with a browser-like User-Agent, a per-attempt time limit,
 a streamed size cap, and retries with exponential backoff for transient failures only
-(timeouts, connection errors, 408/429/5xx; `Retry-After` is honoured up to a minute). Only http
+(timeouts, connection errors, 408/429/5xx; `Retry-After` is honoured up to a minute). The time
+limit covers the whole body, so a server trickling bytes forever is cut off too. Only http
 and https are spoken, redirects included: the opener has no file/ftp/data handlers and a
 redirect to any other scheme is refused before it is followed. Failures raise `DownloadError`
 with a short, countable `reason` (`http 404`, `timeout`, `connection error`, `too large`,
@@ -76,7 +77,9 @@ def _get_once(url: str, timeout: float, max_bytes: int, user_agent: str) -> byte
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise DownloadError("too large", f"Content-Length {length} > {max_bytes}")
         chunks, size = [], 0
-        while chunk := response.read(_CHUNK):
+        # read1: at most one socket read per call, so a body trickled byte by byte still meets
+        # the deadline (read(n) would block until n bytes arrive).
+        while chunk := response.read1(_CHUNK):
             size += len(chunk)
             if size > max_bytes:
                 raise DownloadError("too large", f"body over {max_bytes} bytes")

@@ -4,8 +4,8 @@ References are http(s) URLs, raw bytes, base64 strings (or `data:` URIs) and exi
 paths. Remote and inline images are stored as `<image_dir>/<sha256 of the input>.jpg` — the
 hash of the URL string or of the bytes, so a rerun skips what it already has. Each new image is
 checked (Pillow verify, re-open, pixel cap), EXIF-rotated, converted to RGB (transparency over
-white) and written as JPEG through a temporary file and a rename, so a killed run never leaves a
-half-written image behind. Local files are kept in place after a header check. Work runs on a
+white, 16-bit scaled rather than clipped: `processing.image.to_rgb`) and written as JPEG through
+a temporary file and a rename, so a killed run never leaves a half-written image behind. Local files are kept in place after a header check. Work runs on a
 bounded thread pool; identical references are fetched once. A sample whose image failed is
 dropped with the reason (or, for test data, the whole call fails listing every failure).
 """
@@ -80,23 +80,11 @@ def image_key(ref: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _to_rgb(image: Any) -> Any:
-    from PIL import Image
-
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-    canvas.paste(rgba, mask=rgba.getchannel("A"))
-    return canvas
-
-
 def save_as_jpeg(data: bytes, dest: Path, max_image_pixels: int, quality: int = 95) -> None:
     """Verify image bytes and store them at `dest` as an RGB JPEG, atomically."""
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from litovis.processing.image import to_rgb  # the one conversion: EXIF, alpha on white, 16-bit scaled
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
@@ -105,7 +93,7 @@ def save_as_jpeg(data: bytes, dest: Path, max_image_pixels: int, quality: int = 
                 raise FetchError("too many pixels", f"{width}x{height}")
             probe.verify()
         with Image.open(io.BytesIO(data)) as image:
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb = to_rgb(image)
     except FetchError:
         raise
     except Image.DecompressionBombError as err:

@@ -8,6 +8,7 @@ refused when they escape it (after `..` and symlinks are resolved) unless explic
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -75,28 +76,38 @@ def required_text(value: Any, column: str) -> str:
     return text
 
 
+def _json_record(line: bytes) -> Any:
+    """One JSONL line's record, or the `RowError` saying why it has none."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return RowError("bad encoding", f"not UTF-8 at byte {err.start}")
+    except (ValueError, RecursionError) as err:  # bad JSON, over-long integers, absurd nesting
+        return RowError("bad json", f"{type(err).__name__}: {str(err)[:120]}")
+
+
 def read_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(index, record) pairs of a `.jsonl` file (one per non-blank line) or a `.json` list.
 
-    In JSONL a line that is not valid JSON is yielded as a `RowError` instead of a record, so the
-    reader can drop it; a `.json` file that is not a JSON list raises `SourceError`.
+    In JSONL a line that is not valid UTF-8 or JSON is yielded as a `RowError` instead of a
+    record, so the reader drops that line only; a `.json` file that is not a JSON list raises
+    `SourceError`. A UTF-8 byte-order mark is accepted.
     """
     if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
+        with path.open("rb") as handle:  # bytes: a bad byte spoils its line, not the file
             index = 0
-            for line in handle:
+            for number, line in enumerate(handle):
+                if number == 0:
+                    line = line.removeprefix(codecs.BOM_UTF8)
                 if not line.strip():
                     continue
-                try:
-                    yield index, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield index, RowError("bad json", str(err))
+                yield index, _json_record(line)
                 index += 1
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SourceError(f"{path}: not valid JSON ({err})") from err
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise SourceError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from err
     if not isinstance(data, list):
         raise SourceError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     yield from enumerate(data)
@@ -133,10 +144,15 @@ class ImageRoot:
             return ref.strip()
         if scheme is not None:
             raise RowError("bad image scheme", f"{scheme}:// in {ref!r:.80}")
-        candidate = Path(ref) if Path(ref).is_absolute() else self.root / ref
-        resolved = candidate.resolve()
-        if not self.allow_outside and not resolved.is_relative_to(self.root.resolve()):
+        try:
+            candidate = Path(ref) if Path(ref).is_absolute() else self.root / ref
+            resolved = candidate.resolve()
+            outside = not resolved.is_relative_to(self.root.resolve())
+            exists = resolved.is_file()
+        except (ValueError, OSError) as err:  # NUL bytes, names too long for the filesystem, ...
+            raise RowError("bad image path", f"{ref!r:.80}: {err}") from None
+        if outside and not self.allow_outside:
             raise RowError("image outside root", f"{ref} resolves outside {self.root}")
-        if not resolved.is_file():
+        if not exists:
             raise RowError("missing image", str(candidate))
         return str(candidate)

@@ -214,10 +214,14 @@ def load_image(
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def read_image_size(source: str | PathLike | bytes, *, name: str | None = None) -> tuple[int, int]:
+def read_image_size(
+    source: str | PathLike | bytes, *, name: str | None = None, max_image_pixels: int | None = None
+) -> tuple[int, int]:
     """(height, width) as `load_image` would return it, read from the header alone (no decoding).
 
     Accounts for EXIF rotation, so token counts computed from it match the processed image.
+    `max_image_pixels` refuses decompression bombs (`ImageTooLargeError`) before anything else is
+    read: finding the EXIF block of a PNG makes Pillow decode the whole image.
     """
     label = _describe(source, name)
     stream = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
@@ -226,7 +230,10 @@ def read_image_size(source: str | PathLike | bytes, *, name: str | None = None) 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(stream) as opened:
                 width, height = opened.size
+                _check_pixels(opened, label, max_image_pixels)
                 orientation = opened.getexif().get(0x0112, 1)
+    except ImageTooLargeError:
+        raise
     except FileNotFoundError as err:
         raise ImageLoadError(f"{label}: no such file") from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

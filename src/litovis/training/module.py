@@ -307,11 +307,13 @@ class OvisFineTuner(L.LightningModule):
             logs = stats.means("train", self.task_names)
             # The EMA follows CE, which stays comparable across the CE -> DFT switch.
             ce = logs.get("train/ce", float("nan"))
-            self._ce_ema = ce if self._ce_ema is None else 0.98 * self._ce_ema + 0.02 * ce
-            logs["train/ce_ema"] = self._ce_ema
+            if math.isfinite(ce):  # a non-finite step (skipped by NonFiniteGuard) must not poison it for good
+                self._ce_ema = ce if self._ce_ema is None else 0.98 * self._ce_ema + 0.02 * ce
             logs["train/dft_active"] = float(self.loss_kind == "dft")
+            if self._ce_ema is not None:
+                logs["train/ce_ema"] = self._ce_ema
+                self.log("ce_ema", self._ce_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
-            self.log("ce_ema", self._ce_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
             stats.reset()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
