@@ -49,7 +49,8 @@ def _factors(weight: Tensor, rank: int, scale: float, niter: int | None, dtype: 
         u, s, v = torch.svd_lowrank(w, q=rank, niter=niter)
         vh = v.T
     root = (s / scale).sqrt()
-    return (root[:, None] * vh).to(dtype), (u * root[None, :]).to(dtype)
+    # contiguous: `vh` may be a transpose, and a broadcast sends raw storage
+    return (root[:, None] * vh).to(dtype).contiguous(), (u * root[None, :]).to(dtype).contiguous()
 
 
 @torch.no_grad()

@@ -23,12 +23,14 @@ Notable:
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
 from litovis.training.config import (
@@ -47,6 +49,12 @@ from litovis.training.losses import shift_targets, token_loss
 from litovis.training.token_stats import TokenStats
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Validation metrics are reduced across ranks before they are logged (`TokenStats.reduce`), so
+# Lightning's advice to reduce epoch-level metrics with `sync_dist` does not apply to them.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('val", category=PossibleUserWarning
+)
 
 
 class OvisFineTuner(L.LightningModule):
@@ -118,6 +126,9 @@ class OvisFineTuner(L.LightningModule):
             ovis.llm.requires_grad_(True)
             model = ovis
         ovis.visual_tokenizer.vit.requires_grad_(self.trainable.vit)
+        # Ovis2.5 never uses the tower's post_layernorm: trainable, it would never get a gradient
+        # (DDP reports it as unused, and checkpoints would carry it for nothing).
+        ovis.visual_tokenizer.vit.vision_model.post_layernorm.requires_grad_(False)
         ovis.visual_tokenizer.head.requires_grad_(self.trainable.visual_head)
         ovis.vte.requires_grad_(self.trainable.vte)
         # Adapters and fully trained weights keep float32 master copies; bf16 autocast computes.
@@ -316,7 +327,8 @@ class OvisFineTuner(L.LightningModule):
             self._ce_ema = ce if self._ce_ema is None else 0.98 * self._ce_ema + 0.02 * ce
             logs["train/ce_ema"] = self._ce_ema
             logs["train/dft_active"] = float(self.loss_kind == "dft")
-            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+            # Logged by every rank (the values are already reduced): a callback may monitor them.
+            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
             self.log("ce_ema", self._ce_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
             stats.reset()
 
@@ -343,9 +355,11 @@ class OvisFineTuner(L.LightningModule):
         stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         logs = stats.means("val", self.task_names)
         # val/loss is CE whatever the training loss: comparable across the CE -> DFT switch.
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1, rank_zero_only=True)
+        # Every rank logs the same reduced values, so ModelCheckpoint can monitor val/loss on all
+        # ranks (a rank-zero-only metric would leave the others without it and deadlock a save).
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
         if "val/loss" in logs:
-            self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1, rank_zero_only=True)
+            self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1)
         stats.reset()
 
     # ----------------------------------------------------------- checkpoints
