@@ -9,7 +9,7 @@ rank writes what the tests compare. The contracts:
   with a trainable ViT and text-only micro-batches, and validation reduced across ranks;
 - a run resumed from a mid-epoch checkpoint repeats the uninterrupted run bit for bit on every
   rank (PiSSA, LoRA dropout and data order included);
-- a sharded FSDP checkpoint written by 2 processes reloads in 1.
+- an FSDP checkpoint written by 2 processes, sharded or as one file, reloads in 1.
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-FSDP = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}
-STRATEGIES = {"ddp": "ddp", "fsdp": FSDP}
+FSDP = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}  # sharded checkpoints (DCP)
+FSDP_FULL = {**FSDP, "init_args": {"save_distributed_checkpoint": False}}  # one checkpoint file
+STRATEGIES = {"ddp": "ddp", "fsdp": FSDP, "fsdp_full": FSDP_FULL}
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+# Each test launches 2-3 runs of 2 processes (20-60 s each on a 2-core machine).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def prepare(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def run_config(directory: Path, prepare: dict, *, devices: int, strategy: Any, accumulate: int, max_steps: int,
-               val_every: int, dropout: float, save_every: int | None = None) -> Path:
+               val_every: int, dropout: float, save_every: int | None = None, finetune: str = "lora") -> Path:
     """`configs/demo.yaml` for a short distributed run writing into `directory`, with a `StepProbe`."""
     config = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     trainer = config["trainer"]
@@ -72,6 +77,7 @@ def run_config(directory: Path, prepare: dict, *, devices: int, strategy: Any, a
     config["data"]["batching"]["max_samples"] = 3
     config["model"]["trainable"] = {"vit": True}  # text-only micro-batches must still work
     config["model"]["lora"]["dropout"] = dropout
+    config["model"]["finetune"] = finetune
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -107,23 +113,32 @@ def step_losses(records: list[dict]) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory: pytest.TempPathFactory, prepare: dict) -> Path:
-    """3 optimizer steps of 4 micro-batches in one process, then a validation."""
-    directory = tmp_path_factory.mktemp("one_process")
-    config = run_config(directory, prepare, devices=1, strategy="auto", accumulate=4, max_steps=3,
-                        val_every=12, dropout=0.0)
-    litovis("fit", config)
-    return directory
+def one_process(tmp_path_factory: pytest.TempPathFactory, prepare: dict):
+    """`one_process(finetune)`: the run directory of 3 optimizer steps of 4 micro-batches in one
+    process, then a validation (run once per fine-tuning mode)."""
+    runs: dict[str, Path] = {}
+
+    def run(finetune: str) -> Path:
+        if finetune not in runs:
+            directory = tmp_path_factory.mktemp(f"one_process_{finetune}")
+            config = run_config(directory, prepare, devices=1, strategy="auto", accumulate=4, max_steps=3,
+                                val_every=12, dropout=0.0, finetune=finetune)
+            litovis("fit", config)
+            runs[finetune] = directory
+        return runs[finetune]
+
+    return run
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("strategy", "finetune"), [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
 def test_two_ranks_take_the_step_of_one_process_over_their_union(
-    strategy: str, one_process: Path, prepare: dict, tmp_path: Path
+    strategy: str, finetune: str, one_process, prepare: dict, tmp_path: Path
 ) -> None:
     config = run_config(tmp_path, prepare, devices=2, strategy=STRATEGIES[strategy], accumulate=2, max_steps=3,
-                        val_every=6, dropout=0.0)
+                        val_every=6, dropout=0.0, finetune=finetune)
     litovis("fit", config)
-    single, ranks = probes(one_process), probes(tmp_path)
+    baseline = one_process(finetune)
+    single, ranks = probes(baseline), probes(tmp_path)
     assert len(ranks) == 2 and sum(r["batches"] for r in ranks) == single[0]["batches"] == 12
     # Text-only micro-batches met a trainable ViT on some rank: the zero-contribution touch kept
     # DDP from failing on unused parameters and FSDP's ranks in step.
@@ -139,12 +154,14 @@ def test_two_ranks_take_the_step_of_one_process_over_their_union(
     assert ranks[1]["val_loss"] == ranks[0]["val_loss"]  # every rank logs the reduced value
 
     # Every parameter's gradient, at every step (the same gradients make the same AdamW updates).
-    grads_one = torch.load(one_process / "probe" / "grads.pt")
+    grads_one = torch.load(baseline / "probe" / "grads.pt")
     grads_two = torch.load(tmp_path / "probe" / "grads.pt")
     assert sorted(grads_two) == sorted(grads_one) == [0, 1, 2]
     for step, want_grads in grads_one.items():
         assert grads_two[step].keys() == want_grads.keys()
         assert any("vision_model" in name for name in want_grads)
+        llm = [name for name in want_grads if ".llm." in name]
+        assert llm and all((".lora_" in name) == (finetune == "lora") for name in llm)
         # Summation order differs (and AdamW magnifies rounding in near-zero gradients a little
         # over steps): every entry must agree to 1e-5 of the step's largest gradient entry.
         largest = max(g.abs().max() for g in want_grads.values())
@@ -152,7 +169,7 @@ def test_two_ranks_take_the_step_of_one_process_over_their_union(
             torch.testing.assert_close(grads_two[step][name], want_grad, rtol=0, atol=1e-5 * largest, msg=f"{step} {name}")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_full"])
 def test_resumed_run_repeats_every_rank_exactly(strategy: str, prepare: dict, tmp_path: Path) -> None:
     options = dict(devices=2, strategy=STRATEGIES[strategy], accumulate=1, max_steps=8, val_every=4, dropout=0.05,
                    save_every=4)
@@ -171,11 +188,11 @@ def test_resumed_run_repeats_every_rank_exactly(strategy: str, prepare: dict, tm
         for step, norm in tail["grad_norms"].items():
             assert norm == full["grad_norms"][step]
 
-    if strategy == "fsdp":
-        # The sharded checkpoint of 2 processes, validated by 1: the same weights, the same loss.
-        assert checkpoint.is_dir()
-        one = run_config(tmp_path / "one", prepare, devices=1, strategy=FSDP, accumulate=1, max_steps=8,
-                         val_every=4, dropout=0.05)
+    if strategy.startswith("fsdp"):
+        # The checkpoint of 2 processes, validated by 1: the same weights, the same loss.
+        assert checkpoint.is_dir() == (strategy == "fsdp")
+        one = run_config(tmp_path / "one", prepare, devices=1, strategy=STRATEGIES[strategy], accumulate=1,
+                         max_steps=8, val_every=4, dropout=0.05)
         litovis("validate", one, "--ckpt_path", str(checkpoint))
         (record,) = probes(tmp_path / "one")
         (value,) = record["val_loss"].values()
