@@ -189,11 +189,30 @@ def test_resumed_run_repeats_every_rank_exactly(strategy: str, prepare: dict, tm
             assert norm == full["grad_norms"][step]
 
     if strategy.startswith("fsdp"):
-        # The checkpoint of 2 processes, validated by 1: the same weights, the same loss.
+        # The checkpoint of 2 processes, validated by 1: the same weights, the same loss. A sharded
+        # folder reloads (resharded) into FSDP on 1 process; a one-file checkpoint needs no FSDP.
         assert checkpoint.is_dir() == (strategy == "fsdp")
-        one = run_config(tmp_path / "one", prepare, devices=1, strategy=STRATEGIES[strategy], accumulate=1,
-                         max_steps=8, val_every=4, dropout=0.05)
+        one = run_config(tmp_path / "one", prepare, devices=1, strategy=FSDP if strategy == "fsdp" else "auto",
+                         accumulate=1, max_steps=8, val_every=4, dropout=0.05)
         litovis("validate", one, "--ckpt_path", str(checkpoint))
         (record,) = probes(tmp_path / "one")
         (value,) = record["val_loss"].values()
         assert value == pytest.approx(before[0]["val_loss"]["4"], rel=1e-5)
+
+    if strategy == "fsdp":
+        # Consolidated for export/predict: the weights torch's own converter reads from the shards.
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        from litovis.training.module import OvisFineTuner
+        from litovis.training.sharding import consolidate_checkpoint
+
+        single_file = consolidate_checkpoint(checkpoint, tmp_path / "consolidated.ckpt")
+        consolidated = torch.load(single_file, weights_only=True)
+        dcp_to_torch_save(checkpoint, tmp_path / "reference.pt")
+        reference = torch.load(tmp_path / "reference.pt", weights_only=False)["state_dict"]
+        assert consolidated["state_dict"].keys() == reference.keys()
+        assert sorted(reference) == consolidated["litovis"]["trainable_names"]
+        for name, value in reference.items():
+            assert torch.equal(consolidated["state_dict"][name], value), name
+        module = OvisFineTuner.for_inference(consolidated)
+        assert not module.training and module.ovis is not None

@@ -20,6 +20,8 @@ Notable:
   tower on a dummy image with zero contribution (`Ovis2_5.touch_vision_without_images = "always"`).
 - Parameters are sharded on dim 0 with `torch.chunk` semantics (FSDP2's rule); the shard of every
   parameter is checked against the rows computed here before anything is written.
+- `consolidate_checkpoint` turns a sharded checkpoint folder into the one-file format of
+  single-GPU/DDP runs (for export and predict).
 """
 
 from __future__ import annotations
@@ -235,3 +237,33 @@ def materialize_sharded(model: nn.Module, ovis: nn.Module, device: torch.device,
         std = init_std if init_std is not None else ovis.config.llm.extra.get("initializer_range", 0.02)
         init_random_sharded(ovis, std, dtype)
     init_lora_sharded(ovis, lora_seed)
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
+    """Turn a sharded checkpoint folder (`save_distributed_checkpoint: true`) into one file that
+    `litovis export`, `predict` and `OvisFineTuner.for_inference` read: the trainable weights,
+    whole, plus everything else the run saved (no optimizer state: not for resuming).
+
+    Runs in one process, without GPUs; reads only the weights, not the optimizer shards.
+    """
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder, output = Path(folder), Path(output)
+    meta = folder / "meta.pt"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder}: not a sharded Lightning checkpoint (no meta.pt)")
+    prefix = "state_dict."
+    weights = {
+        key[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in FileSystemReader(folder).read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not weights:
+        raise ValueError(f"{folder}: the checkpoint holds no model weights")
+    state = {"state_dict": weights}
+    load(state, checkpoint_id=folder, no_dist=True)
+    checkpoint = torch.load(meta, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = state["state_dict"]
+    torch.save(checkpoint, output)
+    return output
