@@ -46,6 +46,7 @@ from litovis.training.distributed_pissa import pissa_initialize_on_ranks, restor
 from litovis.training.lora import LoRAConfig, apply_lora
 from litovis.training.loss_schedule import LossSchedule
 from litovis.training.losses import shift_targets, token_loss
+from litovis.training.rng_state import gather_rng_states, rank_rng_state, restore_rng_state
 from litovis.training.token_stats import TokenStats
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -304,9 +305,7 @@ class OvisFineTuner(L.LightningModule):
             self._pissa_initial = pissa_initialize_on_ranks(self.model, self.lora)
             self._pissa_pending = False
         if self._rng_to_restore is not None:  # after Lightning's own start-up, right before step 1
-            torch.set_rng_state(self._rng_to_restore["torch"])
-            if self._rng_to_restore.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(self._rng_to_restore["cuda"], self.device)
+            restore_rng_state(self._rng_to_restore, self.device)
             self._rng_to_restore = None
 
     def on_train_epoch_start(self) -> None:
@@ -379,25 +378,13 @@ class OvisFineTuner(L.LightningModule):
             del state[key]
         return state
 
-    def _rng_states(self) -> list[dict[str, Any]]:
-        """Every rank's RNG state, in rank order (collective under several processes)."""
-        state = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return [state]
-        states: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(states, state)
-        return states
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         if self._pissa_initial is not None:
             checkpoint["pissa_initial"] = self._pissa_initial
         # Lightning does not save RNG state; LoRA dropout needs it, on every rank, for an exact resume.
-        checkpoint["rng"] = self._rng_states()
+        checkpoint["rng"] = gather_rng_states(self.device)
         checkpoint["litovis"] = {
             "source": asdict(self.source),
             "finetune": self.finetune,
@@ -423,12 +410,7 @@ class OvisFineTuner(L.LightningModule):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
                 "was it written with another LoRA/trainable configuration?"
             )
-        rng = checkpoint.get("rng")
-        rank = self.global_rank if self._trainer is not None else 0
-        if isinstance(rng, dict):  # written by one process
-            rng = [rng]
-        # Another world size cannot resume exactly anyway; ranks without a saved state keep the seed's.
-        self._rng_to_restore = rng[rank] if rng is not None and rank < len(rng) else None
+        self._rng_to_restore = rank_rng_state(checkpoint.get("rng"), self.global_rank if self._trainer is not None else 0)
         initial = checkpoint.get("pissa_initial")
         if self.finetune == "lora" and self.lora.is_pissa:
             if initial is None:
