@@ -112,6 +112,9 @@ class OvisFineTuner(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if self._trainer is not None and isinstance(self.trainer.strategy, L.pytorch.strategies.FSDPStrategy):
+            raise ValueError("strategy `fsdp` (FSDP1) is not supported: use lightning.pytorch.strategies."
+                             "ModelParallelStrategy, which litovis shards with FSDP2 (docs/multi_gpu.md)")
         mesh = self._device_mesh  # set by Lightning's ModelParallelStrategy: shard with FSDP2
         if mesh is not None and self.memory.compile:
             raise NotImplementedError("memory.compile is not supported with FSDP (ModelParallelStrategy) yet")
