@@ -198,7 +198,7 @@ def mode_config(mode: str, args: argparse.Namespace, data: Path, result: Path) -
     }
 
 
-def run_mode(mode: str, args: argparse.Namespace, workdir: Path, data: Path) -> dict[str, Any]:
+def run_mode(mode: str, args: argparse.Namespace, workdir: Path, data: Path, timeout: float) -> dict[str, Any]:
     """Run `litovis fit` for one mode; its result (or its failure, with the log's tail)."""
     import yaml
 
@@ -214,12 +214,19 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, data: Path) -> 
     started = time.perf_counter()
     log = directory / "log.txt"
     with log.open("w") as out:
-        process = subprocess.run([sys.executable, "-m", "litovis", "fit", "--config", str(config)], cwd=REPO,
-                                 env=env, stdout=out, stderr=subprocess.STDOUT, timeout=args.timeout)
+        # A new session: on a timeout the whole process group (Lightning's other ranks too) is ended.
+        process = subprocess.Popen([sys.executable, "-m", "litovis", "fit", "--config", str(config)], cwd=REPO,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+            code = f"timeout ({timeout:.0f} s)"
     wall = time.perf_counter() - started
-    if process.returncode != 0 or not result.exists():
+    if code != 0 or not result.exists():
         tail = log.read_text()[-3000:]
-        return {"mode": mode, "failed": f"exit {process.returncode} after {wall:.0f} s; log {log}:\n{tail}"}
+        return {"mode": mode, "failed": f"exit {code} after {wall:.0f} s; log {log}:\n{tail}"}
     summary = json.loads(result.read_text())
     summary.update(mode=mode, wall_seconds=wall)
     return summary
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-side", type=int, default=1344, help="pixels; 1344 = 1,764 visual atoms")
     parser.add_argument("--text-repeats", type=int, default=8, help=f"repeats of {WORDS.strip()!r} per message")
     parser.add_argument("--num-workers", type=int, default=6, help="data workers per GPU")
-    parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
+    parser.add_argument("--budget", type=float, default=530, help="seconds for all modes together; a mode "
+                        "still running when they are spent is stopped and reported as failed")
     parser.add_argument("--workdir", type=Path, default=None, help="data, configs, logs (default: a temp dir)")
     parser.add_argument("--small", action="store_true", help="tiny model on CPU processes (a smoke test)")
     args = parser.parse_args(argv)
@@ -270,14 +278,16 @@ def main(argv: list[str] | None = None) -> None:
         args.steps, args.warmup, args.num_workers = min(args.steps, 6), min(args.warmup, 2), 0
     if args.warmup >= args.steps:
         parser.error("--warmup must be smaller than --steps")
+    started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="scale_out_"))
     data = workdir / "data"
     # Enough micro-batches for every rank of every mode to run all its steps within one epoch.
     write_dataset(data, samples=args.samples_per_batch * args.devices * (args.steps + 2), image_side=args.image_side,
                   text_repeats=args.text_repeats)
     results = []
+    deadline = started + args.budget
     for mode in args.modes:
-        results.append(run_mode(mode, args, workdir, data))
+        results.append(run_mode(mode, args, workdir, data, timeout=max(1.0, deadline - time.perf_counter())))
         print(report(results[-1:]), flush=True)
     print("\n" + report(results))
     if any("failed" in r for r in results):
