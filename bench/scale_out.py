@@ -177,6 +177,7 @@ def mode_config(mode: str, args: argparse.Namespace, data: Path, result: Path) -
             "enable_model_summary": False,
             "logger": False,
             "use_distributed_sampler": False,
+            "default_root_dir": str(result.parent),  # where LightningCLI saves the resolved config
             "callbacks": [{"class_path": "scale_out.ScaleOutProbe",
                            "init_args": {"result": str(result), "warmup": args.warmup}}],
         },
