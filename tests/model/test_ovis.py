@@ -148,6 +148,37 @@ def test_text_only_batch_can_touch_vision_with_zero_effect(reference_model: Ovis
     assert all(p.grad is not None and not p.grad.any() for p in vision)
 
 
+def test_always_touching_runs_the_vision_tower_without_grad_too(reference_model: Ovis2_5) -> None:
+    # FSDP: every rank must run the same sharded modules, in evaluation as well.
+    model = copy.deepcopy(reference_model).eval()
+    calls = []
+    model.visual_tokenizer.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        model.touch_vision_without_images = True  # DDP mode: only when grad is enabled
+        assert torch.equal(model(ids).logits, plain) and not calls
+        model.touch_vision_without_images = "always"
+        assert torch.equal(model(ids).logits, plain) and len(calls) == 1
+
+
+def test_head_loss_runs_inside_forward_on_the_output_weight(reference_model: Ovis2_5, expected: dict) -> None:
+    batch = dict(input_ids=expected["input_ids"], pixel_values=expected["pixel_values"],
+                 grid_thws=expected["grid_thws"], attention_mask=expected["attention_mask"])
+    seen = []
+
+    def head_loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        seen.append(weight)
+        return (hidden @ weight.T).sum()
+
+    with torch.no_grad():
+        out = reference_model(**batch, head_loss=head_loss)
+        hidden = reference_model(**batch, return_hidden=True).hidden_states
+    assert seen == [reference_model.llm.output_weight]
+    assert torch.equal(out.hidden_states, hidden)
+    torch.testing.assert_close(out.head_loss, reference_model.llm.logits(hidden).sum())
+
+
 def test_parameter_breakdown_adds_up() -> None:
     model = build_ovis(preset("tiny"), device="meta")
     counts = model.num_parameters()

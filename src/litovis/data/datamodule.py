@@ -8,8 +8,11 @@ Notable:
 - Every sample is measured exactly up front (text + image headers); over-long train/val samples
   are dropped and reported, test samples are never dropped.
 - Training batches pack several samples into one row with no padding, within a token budget, and
-  resume mid-epoch exactly (`ResumableDataLoader`); under DDP each rank gets its own shard
-  (set `trainer.use_distributed_sampler: false`).
+  resume mid-epoch exactly (`ResumableDataLoader`); under DDP/FSDP each rank gets its own shard
+  (`trainer.use_distributed_sampler: false` is required and checked, as is the trainer's
+  `accumulate_grad_batches`, by which the sampler groups micro-batches into optimizer steps).
+- Validation shards repeat a few micro-batches so every rank runs the same number of steps (FSDP
+  needs it); `val_batch_is_repeat` tells the module which ones to leave out of the metrics.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class OvisDataModule(L.LightningDataModule):
         self.processor: OvisProcessor | None = None
         self._splits: dict[str, MeasuredSamples] = {}
         self._train_sampler: TokenBudgetBatchSampler | None = None
+        self._val_sampler: TokenBudgetBatchSampler | None = None
 
     # ----------------------------------------------------------- preparation
     def prepare_data(self) -> None:
@@ -186,6 +190,39 @@ class OvisDataModule(L.LightningDataModule):
             return 1, 0, 1
         return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
 
+    def check_trainer_matches(self, trainer: L.Trainer) -> None:
+        """Raise unless the trainer shards and accumulates as the training batches were planned.
+
+        Raises:
+            ValueError: Lightning's distributed sampler is on under several processes (it cannot
+                wrap the token-budget batch sampler, which shards by rank itself), or the batch
+                sampler was planned for another world size, rank or `accumulate_grad_batches`.
+        """
+        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "set `trainer.use_distributed_sampler: false`: litovis shards its token-budget batches by "
+                f"rank itself, and Lightning's distributed sampler cannot wrap them ({trainer.world_size} processes)"
+            )
+        sampler = self._train_sampler
+        if sampler is None:
+            return
+        planned = (sampler.num_replicas, sampler.rank, sampler.accumulate)
+        actual = (trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches)
+        if planned != actual:
+            raise ValueError(
+                f"the training batches were planned for (world size, rank, accumulate) = {planned} but the "
+                f"trainer runs {actual}; `trainer.accumulate_grad_batches` must stay fixed during a run "
+                "(the batch sampler groups micro-batches into optimizer steps by it)"
+            )
+
+    def val_batch_is_repeat(self, batch_idx: int) -> bool:
+        """Whether this rank's validation micro-batch `batch_idx` repeats one of another rank's (the
+        shards are padded to equal length); repeats must not count in the metrics."""
+        sampler = self._val_sampler
+        if sampler is None:
+            return False
+        return batch_idx * sampler.num_replicas + sampler.rank >= sampler.num_global_batches
+
     def train_sampler(self) -> TokenBudgetBatchSampler:
         """The training batch sampler (built once; its length sets the LR schedule)."""
         if self._train_sampler is None:
@@ -228,14 +265,19 @@ class OvisDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> ResumableDataLoader:
-        return self._loader("train", self.train_sampler())
+        sampler = self.train_sampler()
+        if self.trainer is not None:
+            self.check_trainer_matches(self.trainer)
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> ResumableDataLoader | list:
         if "val" not in self._splits:
             return []
         val = self._splits["val"]
         world, rank, _ = self._world()
-        sampler = TokenBudgetBatchSampler(
+        if self.trainer is not None:
+            self.check_trainer_matches(self.trainer)
+        sampler = self._val_sampler = TokenBudgetBatchSampler(
             val.lengths,
             [s.task for s in val.samples],
             max_tokens=self.batching.val_max_tokens or self.batching.max_tokens,

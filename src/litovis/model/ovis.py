@@ -14,7 +14,9 @@ in place. FLOP counts for MFU live in `litovis.model.flops`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,8 @@ class OvisOutput:
     """`[B, T, hidden]` final-normed LLM states (only when `return_hidden`)."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy over labelled positions (only when `labels` were given)."""
+    head_loss: Any = None
+    """What `forward`'s `head_loss` callable returned (only when one was given)."""
 
 
 class Ovis2_5(nn.Module):
@@ -58,9 +62,11 @@ class Ovis2_5(nn.Module):
         self.llm = Qwen3ForCausalLM(config.llm, attention_backend)
         self.visual_tokenizer = VisualTokenizer(config.vit, config.visual_vocab_size, attention_backend)
         self.vte = nn.Embedding(config.visual_vocab_size, config.hidden_size)
-        self.touch_vision_without_images = False
-        """When True, a batch without images still runs a tiny dummy image through the vision
-        parameters with zero contribution, so every parameter takes part in backward (DDP)."""
+        self.touch_vision_without_images: bool | str = False
+        """Run a tiny dummy image through the vision parameters, with zero contribution, when a
+        batch has no images. False: never. True: when grad is enabled, so every trainable
+        parameter takes part in backward (DDP). `"always"`: also without grad, because under
+        FSDP every rank must run the same sharded modules (their all-gathers are collective)."""
 
     def set_attention_backend(self, backend: str) -> None:
         """Use `"auto"`, `"sdpa"` or `"varlen"` for both the LLM and the ViT."""
@@ -96,7 +102,8 @@ class Ovis2_5(nn.Module):
         if pixel_values is None:
             if atoms:
                 raise ValueError(f"input_ids hold {atoms} visual atom positions (-300) but no pixel_values were given")
-            if self.touch_vision_without_images and torch.is_grad_enabled():
+            touch = self.touch_vision_without_images
+            if touch == "always" or (touch is True and torch.is_grad_enabled()):
                 embeds = embeds + self._zero_vision_term(embeds)
             return embeds
         tokens = self.visual_tokens(pixel_values, grid_thws)
@@ -124,14 +131,20 @@ class Ovis2_5(nn.Module):
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
         return_hidden: bool = False,
+        head_loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> OvisOutput:
         """Run the model on one batch (padded: `attention_mask`; packed: `cu_seqlens`, B == 1).
 
         `labels` are unshifted (`labels[t]` is the token at t, or -100); the loss shifts them.
+        `head_loss(hidden_states, output_weight)`, when given, is computed here and returned as
+        `head_loss` (with the hidden states): inside `forward`, because a sharded (FSDP) model's
+        output weight is whole only while its forward runs.
         """
         embeds = self.merge_multimodal(input_ids, pixel_values, grid_thws)
         hidden = self.llm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if head_loss is not None:
+            return OvisOutput(hidden_states=hidden, head_loss=head_loss(hidden, self.llm.output_weight))
         if return_hidden:
             loss = None if labels is None else shifted_cross_entropy(self.llm.logits(hidden), labels)
             return OvisOutput(hidden_states=hidden, loss=loss)

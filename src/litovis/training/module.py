@@ -2,25 +2,36 @@
 
 Notable:
 - The model is built in `configure_model` (idempotent), inside Lightning's device context, so the
-  bf16 base lands directly on the GPU and PiSSA's SVD runs there.
-- PiSSA changes the frozen base weights. A fresh run initialises it after any checkpoint restore
-  (in `configure_optimizers`); a resumed run rebuilds the residual from the A0/B0 stored in its
-  checkpoint (`on_load_checkpoint`), so both end with identical bits.
-- Checkpoints hold trainable weights only (plus optimizer/loop/data state, which Lightning adds) and
+  bf16 base lands directly on the GPU and PiSSA's SVD runs there. Under Lightning's
+  `ModelParallelStrategy` it is built on the meta device and sharded with FSDP2 before any weight
+  exists (`litovis.training.sharding`).
+- PiSSA changes the frozen base weights. A fresh run initialises it when training starts, after any
+  checkpoint restore (whatever the strategy's restore order), with rank 0's factors on every rank;
+  a resumed run rebuilds the residual from the A0/B0 stored in its checkpoint
+  (`on_load_checkpoint`), so both end with identical bits.
+- Checkpoints hold trainable weights only (`state_dict` itself is filtered, so sharded strategies
+  neither gather nor expect the frozen base), optimizer/loop/data state, every rank's RNG state and
   a human-readable `litovis` metadata block; every trainable parameter must be found on load.
-- The loss is chunked CE or DFT on hidden states (no full logits), normalised per target token over
-  the whole optimizer step (all micro-batches, all ranks), the same rule for CE and DFT.
+- The loss is chunked CE or DFT on hidden states (no full logits), computed inside the model's
+  forward (where a sharded output weight is whole), normalised per target token over the whole
+  optimizer step (all micro-batches, all ranks), the same rule for CE and DFT.
+- Distributed: when a vision part trains, a text-only batch still touches it with zero
+  contribution, so DDP needs no `find_unused_parameters`; under FSDP it always does (every rank
+  must run the same sharded modules).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
 from litovis.training.config import (
@@ -32,12 +43,20 @@ from litovis.training.config import (
     PredictConfig,
     Trainable,
 )
-from litovis.training.lora import LoRAConfig, apply_lora, pissa_initialize, restore_pissa_residual
+from litovis.training.distributed_pissa import pissa_initialize_on_ranks, restore_pissa_residual_on_ranks
+from litovis.training.lora import LoRAConfig, apply_lora
 from litovis.training.loss_schedule import LossSchedule
 from litovis.training.losses import shift_targets, token_loss
+from litovis.training.rng_state import gather_rng_states, rank_rng_state, restore_rng_state
 from litovis.training.token_stats import TokenStats
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Validation metrics are reduced across ranks before they are logged (`TokenStats.reduce`), so
+# Lightning's advice to reduce epoch-level metrics with `sync_dist` does not apply to them.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('val", category=PossibleUserWarning
+)
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, restart: tuple[int, int] | None = None) -> float:
@@ -108,16 +127,13 @@ class OvisFineTuner(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from litovis.model.checkpoint import build_ovis, load_ovis
-        from litovis.model.presets import preset
-
-        dtype = DTYPES[self.source.dtype]
-        device = torch.get_default_device()
-        if self.source.checkpoint is not None:
-            ovis, _ = load_ovis(self.source.checkpoint, dtype=dtype, device=device)
-        else:
-            torch.manual_seed(self.source.seed)
-            ovis = build_ovis(preset(self.source.preset), dtype=dtype, device=device, init_std=self.source.init_std)
+        if self._trainer is not None and isinstance(self.trainer.strategy, L.pytorch.strategies.FSDPStrategy):
+            raise ValueError("strategy `fsdp` (FSDP1) is not supported: use lightning.pytorch.strategies."
+                             "ModelParallelStrategy, which litovis shards with FSDP2 (docs/multi_gpu.md)")
+        mesh = self._device_mesh  # set by Lightning's ModelParallelStrategy: shard with FSDP2
+        if mesh is not None and self.memory.compile:
+            raise NotImplementedError("memory.compile is not supported with FSDP (ModelParallelStrategy) yet")
+        ovis = self._build_ovis(sharded=mesh is not None)
         ovis.set_attention_backend(self.source.attn_backend)
         ovis.train()  # load_ovis returns eval mode; LoRA dropout must be active
         ovis.requires_grad_(False)
@@ -126,12 +142,16 @@ class OvisFineTuner(L.LightningModule):
 
             model = PeftModel.from_pretrained(ovis, self.source.adapter, is_trainable=False)
         elif self.finetune == "lora":
-            model = apply_lora(ovis, self.lora)
+            with torch.device("meta") if mesh is not None else nullcontext():
+                model = apply_lora(ovis, self.lora)
             self._pissa_pending = self.lora.is_pissa
         else:
             ovis.llm.requires_grad_(True)
             model = ovis
         ovis.visual_tokenizer.vit.requires_grad_(self.trainable.vit)
+        # Ovis2.5 never uses the tower's post_layernorm: trainable, it would never get a gradient
+        # (DDP reports it as unused, and checkpoints would carry it for nothing).
+        ovis.visual_tokenizer.vit.vision_model.post_layernorm.requires_grad_(False)
         ovis.visual_tokenizer.head.requires_grad_(self.trainable.visual_head)
         ovis.vte.requires_grad_(self.trainable.vte)
         # Adapters and fully trained weights keep float32 master copies; bf16 autocast computes.
@@ -153,7 +173,37 @@ class OvisFineTuner(L.LightningModule):
                 functorch_config.functionalize_rng_ops = device.type == "cuda"
             for layer in ovis.llm.model.layers:
                 layer.compile()
+        if mesh is not None:
+            from litovis.training.sharding import fsdp_mesh, materialize_sharded, shard_ovis
+
+            shard_ovis(model, ovis, fsdp_mesh(mesh), self.trainer.precision)
+            materialize_sharded(model, ovis, self.trainer.strategy.root_device, self.source.checkpoint,
+                                DTYPES[self.source.dtype], self.source.init_std, self.source.seed, self.lora.seed)
+            ovis.touch_vision_without_images = "always"
+        else:
+            vision_trains = self.trainable.vit or self.trainable.visual_head or self.trainable.vte
+            ovis.touch_vision_without_images = vision_trains
         self.model = model
+
+    def _build_ovis(self, sharded: bool) -> torch.nn.Module:
+        """The base model: loaded or randomly initialised on the current device, or (`sharded`) only
+        built on the meta device, its weights filled after sharding."""
+        from litovis.model.checkpoint import build_ovis, load_ovis, resolve_checkpoint_dir
+        from litovis.model.config import OvisConfig
+        from litovis.model.presets import preset
+
+        dtype = DTYPES[self.source.dtype]
+        if self.source.checkpoint is not None:
+            if sharded:
+                config = OvisConfig.from_file(resolve_checkpoint_dir(self.source.checkpoint) / "config.json")
+                return build_ovis(config, dtype=dtype, device="meta")
+            ovis, _ = load_ovis(self.source.checkpoint, dtype=dtype, device=torch.get_default_device())
+            return ovis
+        if sharded:
+            return build_ovis(preset(self.source.preset), dtype=dtype, device="meta")
+        torch.manual_seed(self.source.seed)
+        return build_ovis(preset(self.source.preset), dtype=dtype, device=torch.get_default_device(),
+                          init_std=self.source.init_std)
 
     @classmethod
     def for_inference(cls, checkpoint: dict[str, Any], base: str | None = None) -> OvisFineTuner:
@@ -196,9 +246,6 @@ class OvisFineTuner(L.LightningModule):
 
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        if self._pissa_pending:
-            self._pissa_initial = pissa_initialize(self.model, self.lora)
-            self._pissa_pending = False
         if self.source.adapter is not None:
             raise ValueError("model.source.adapter is for predict/validate/test; to continue a run use --ckpt_path")
         opt = self.build_optimizer()
@@ -241,6 +288,18 @@ class OvisFineTuner(L.LightningModule):
 
     # --------------------------------------------------------------- forward
     def _token_loss(self, batch: Any, kind: str):
+        targets = shift_targets(batch.labels, batch.cu_seqlens)
+
+        def head_loss(hidden: Tensor, output_weight: Tensor):
+            return token_loss(
+                hidden.flatten(0, 1),
+                output_weight,
+                targets,
+                kind=kind,
+                chunk_size=self.loss_cfg.chunk_size,
+                label_smoothing=self.loss_cfg.label_smoothing if kind == "ce" else 0.0,
+            )
+
         out = self.model(
             input_ids=batch.input_ids,
             pixel_values=batch.pixel_values,
@@ -248,18 +307,9 @@ class OvisFineTuner(L.LightningModule):
             position_ids=batch.position_ids,
             cu_seqlens=batch.cu_seqlens,
             max_seqlen=batch.max_seqlen,
-            return_hidden=True,
+            head_loss=head_loss,  # computed inside forward: see the module doc
         )
-        hidden = out.hidden_states.flatten(0, 1)
-        targets = shift_targets(batch.labels, batch.cu_seqlens)
-        result = token_loss(
-            hidden,
-            self.ovis.llm.output_weight,
-            targets,
-            kind=kind,
-            chunk_size=self.loss_cfg.chunk_size,
-            label_smoothing=self.loss_cfg.label_smoothing if kind == "ce" else 0.0,
-        )
+        result = out.head_loss
         lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
         token_task = batch.sample_task_index.to(lengths.device).repeat_interleave(lengths.long())
         return result, targets != -100, token_task
@@ -293,11 +343,19 @@ class OvisFineTuner(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._logged_step = self.trainer.global_step
+        if self._pissa_pending:  # a fresh run: every strategy has restored (nothing) by now
+            self._pissa_initial = pissa_initialize_on_ranks(self.model, self.lora)
+            self._pissa_pending = False
         if self._rng_to_restore is not None:  # after Lightning's own start-up, right before step 1
-            torch.set_rng_state(self._rng_to_restore["torch"])
-            if self._rng_to_restore.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(self._rng_to_restore["cuda"], self.device)
+            restore_rng_state(self._rng_to_restore, self.device)
             self._rng_to_restore = None
+
+    def on_train_epoch_start(self) -> None:
+        # The sampler groups micro-batches into optimizer steps; a trainer that accumulates
+        # differently (e.g. a GradientAccumulationScheduler) would mis-normalise the loss.
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "check_trainer_matches"):
+            datamodule.check_trainer_matches(self.trainer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step != self._logged_step:  # an optimizer step just finished
@@ -313,18 +371,23 @@ class OvisFineTuner(L.LightningModule):
             if self._ce_ema is not None:
                 logs["train/ce_ema"] = self._ce_ema
                 self.log("ce_ema", self._ce_ema, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+            # Logged by every rank (the values are already reduced): a callback may monitor them.
+            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
             stats.reset()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            norms = torch._foreach_norm(grads)
-            total = torch.linalg.vector_norm(torch.stack(norms)).item()
-            self.log("train/grad_norm", total, on_step=True, on_epoch=False, batch_size=1)
+            total = torch.nn.utils.get_total_norm(grads)
+            if hasattr(total, "full_tensor"):  # sharded gradients (FSDP): the norm over all shards
+                total = total.full_tensor()
+            self.log("train/grad_norm", total.item(), on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         result, mask, token_task = self._token_loss(batch, "ce")
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "val_batch_is_repeat") and datamodule.val_batch_is_repeat(batch_idx):
+            return  # a copy that only keeps the ranks in step: counted once, on its own rank
         self._val_stats = self._stats(self._val_stats)
         self._val_stats.add(result.ce, result.ce, result.dft, result.correct, mask, token_task)
 
@@ -335,9 +398,11 @@ class OvisFineTuner(L.LightningModule):
         stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         logs = stats.means("val", self.task_names)
         # val/loss is CE whatever the training loss: comparable across the CE -> DFT switch.
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1, rank_zero_only=True)
+        # Every rank logs the same reduced values, so ModelCheckpoint can monitor val/loss on all
+        # ranks (a rank-zero-only metric would leave the others without it and deadlock a save).
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
         if "val/loss" in logs:
-            self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1, rank_zero_only=True)
+            self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1)
         stats.reset()
 
     # ------------------------------------------------------------- predict
@@ -357,29 +422,44 @@ class OvisFineTuner(L.LightningModule):
     def trainable_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        """The trainable weights only: what a checkpoint holds (the frozen base comes from `source`).
+
+        Filtered here rather than only in `on_save_checkpoint` because sharded strategies build
+        checkpoints from this method: FSDP would otherwise gather the whole frozen base to save
+        it, and expect to find it when loading a sharded checkpoint.
+        """
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + name for name in self.trainable_names()}
+        for key in [k for k in state if k.startswith(prefix) and k not in keep]:
+            del state[key]
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         if self._pissa_initial is not None:
             checkpoint["pissa_initial"] = self._pissa_initial
-        # Lightning does not save RNG state; LoRA dropout needs it for an exact resume.
-        checkpoint["rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
+        # Lightning does not save RNG state; LoRA dropout needs it, on every rank, for an exact resume.
+        checkpoint["rng"] = gather_rng_states(self.device)
         checkpoint["litovis"] = {
             "source": asdict(self.source),
             "finetune": self.finetune,
             "lora": asdict(self.lora) if self.finetune == "lora" else None,
             "trainable": asdict(self.trainable),
+            "trainable_names": sorted(keep),
             "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
             "loss_kind": self.loss_kind,
             "global_step": self.trainer.global_step if self._trainer is not None else None,
+            "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = set(self.trainable_names())
-        found = set(checkpoint.get("state_dict", {}))
+        if "state_dict" in checkpoint:
+            found = set(checkpoint["state_dict"])
+        else:  # a sharded strategy has loaded the weights itself (and taken them out)
+            found = set(checkpoint.get("litovis", {}).get("trainable_names", []))
         if expected != found:
             missing, unexpected = sorted(expected - found), sorted(found - expected)
             raise KeyError(
@@ -387,12 +467,12 @@ class OvisFineTuner(L.LightningModule):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
                 "was it written with another LoRA/trainable configuration?"
             )
-        self._rng_to_restore = checkpoint.get("rng")
+        self._rng_to_restore = rank_rng_state(checkpoint.get("rng"), self.global_rank if self._trainer is not None else 0)
         initial = checkpoint.get("pissa_initial")
         if self.finetune == "lora" and self.lora.is_pissa:
             if initial is None:
                 raise KeyError("this run uses PiSSA but the checkpoint carries no PiSSA initial state")
-            restore_pissa_residual(self.model, initial)
+            restore_pissa_residual_on_ranks(self.model, initial)
             self._pissa_initial = initial
             self._pissa_pending = False
         elif initial is not None:
