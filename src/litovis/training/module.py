@@ -170,7 +170,7 @@ class OvisFineTuner(L.LightningModule):
                 # the partitioner may then recompute activations; on CUDA random ones (dropout
                 # masks) too, replayed from their Philox seeds
                 functorch_config.activation_memory_budget = self.memory.activation_memory_budget
-                functorch_config.functionalize_rng_ops = device.type == "cuda"
+                functorch_config.functionalize_rng_ops = next(ovis.parameters()).device.type == "cuda"
             for layer in ovis.llm.model.layers:
                 layer.compile()
         if mesh is not None:
