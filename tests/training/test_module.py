@@ -221,3 +221,27 @@ def test_vision_is_touched_without_images_only_when_it_trains() -> None:
     trains_vit = tiny_module(trainable=Trainable(vit=True))
     post = trains_vit.ovis.visual_tokenizer.vit.vision_model.post_layernorm
     assert not any(p.requires_grad for p in post.parameters())  # unused by Ovis2.5: never trained
+
+
+def test_fused_adamw_with_bf16_autocast_clips_the_gradient_norm() -> None:
+    """Lightning refuses clipping with fused optimizers under mixed precision; the module clips itself."""
+    module = make_module(optimizer=OptimizerConfig(lr=1e-3, fused=True))
+    seen: list[float] = []
+
+    class Probe(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pl_module.parameters() if p.grad is not None]))))
+
+    class AfterClip(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            grads = [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+
+    batch = collate_packed([sample("a", "captioning", 5, 7, 64, 1)], TASKS)
+    batch.step_num_targets = batch.num_targets
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, gradient_clip_val=1e-4,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Probe(), AfterClip()])
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+    before, after = seen
+    assert before > 1e-4 and after == pytest.approx(1e-4, rel=1e-2)

@@ -275,6 +275,23 @@ class OvisFineTuner(L.LightningModule):
             fused=fused,
         )
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip the total gradient norm ourselves.
+
+        Lightning's mixed-precision plugin refuses clipping with a fused optimizer even under bf16,
+        which has no loss scaling; only fp16's grad scaler makes fused clipping unsafe.
+        """
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"only norm clipping is supported, got gradient_clip_algorithm={gradient_clip_algorithm!r}")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("fp16 loss scaling with gradient clipping is not supported: use bf16-mixed")
+        grads = [p for p in self.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val)
+
     def _total_steps(self) -> int:
         if self.optim.total_steps is not None:
             return self.optim.total_steps
