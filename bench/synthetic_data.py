@@ -56,8 +56,6 @@ def make_sample(index: int, out: Path, seed: int) -> Sample:
         return Sample(id=str(index), task="vqa", fields=fields, images=[str(path)], target=answer, source=f"synthetic:{index}")
     task = rng.choice(["summarization", "text_qa", "math_reasoning"])
     fields = {"text": words(rng, rng.randint(300, 3000)), "question": words(rng, rng.randint(10, 40))}
-    if task == "math_reasoning":
-        fields = {"question": fields["text"]}
     return Sample(id=str(index), task=task, fields=fields, target=answer, source=f"synthetic:{index}")
 
 
