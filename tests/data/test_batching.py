@@ -190,3 +190,23 @@ def test_dataloader_pin_memory_uses_packed_batch_method(monkeypatch) -> None:
     assert isinstance(out, PackedBatch) and out.sample_ids == batch.sample_ids
     assert len(pinned) == 7  # every tensor field, the optional visual ones included
     assert torch.equal(out.input_ids, batch.input_ids)
+
+
+class PackedInWorker(torch.utils.data.Dataset):
+    """One item: the three samples packed by `collate_packed`, wherever `__getitem__` runs."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[bool, torch.Tensor]:
+        pixels = collate_packed(three_samples(), ["vqa", "chat", "captioning"]).pixel_values
+        return pixels.is_shared(), pixels
+
+
+def test_pixels_are_packed_into_shared_memory_inside_workers() -> None:
+    """In a worker the packed pixels land in shared memory at once (no second copy at hand-over)."""
+    in_main = collate_packed(three_samples(), ["vqa", "chat", "captioning"]).pixel_values
+    assert in_main is not None and not in_main.is_shared()
+    shared, from_worker = next(iter(torch.utils.data.DataLoader(PackedInWorker(), batch_size=None, num_workers=1)))
+    assert shared
+    assert torch.equal(from_worker, in_main)

@@ -183,7 +183,7 @@ class OvisProcessor:
         return ProcessedSample(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=torch.cat(patches) if patches else None,
+            pixel_values=(patches[0] if len(patches) == 1 else torch.cat(patches)) if patches else None,
             grid_thws=torch.tensor(grids, dtype=torch.long) if grids else None,
             num_visual_atoms=atoms,
         )
