@@ -216,3 +216,25 @@ def test_resumed_run_repeats_every_rank_exactly(strategy: str, prepare: dict, tm
             assert torch.equal(consolidated["state_dict"][name], value), name
         module = OvisFineTuner.for_inference(consolidated)
         assert not module.training and module.ovis is not None
+
+
+def test_distributed_predict_writes_every_test_row_once(one_process, prepare: dict, tmp_path: Path) -> None:
+    """2 ranks each answer their own length-sorted batches; rank 0 merges the parts in id order."""
+    import pandas as pd
+
+    trained = one_process("lora")
+    config = run_config(tmp_path, prepare, devices=2, strategy="ddp", accumulate=1, max_steps=1, val_every=1, dropout=0.0)
+    overlay = yaml.safe_load((REPO / "configs/demo_predict.yaml").read_text())
+    writer = overlay["trainer"]["callbacks"][0]["init_args"]
+    writer["output_dir"] = str(tmp_path / "parts")
+    writer["submission"] = {"challenge_csv": str(tmp_path / "submission.csv")}
+    overlay["data"]["batching"]["predict_batch_size"] = 4
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump(overlay))
+    litovis("predict", config, "--config", str(tmp_path / "predict.yaml"),
+            "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
+    parts = [[json.loads(line)["id"] for line in path.open()] for path in sorted((tmp_path / "parts").glob("part-*.jsonl"))]
+    assert len(parts) == 2 and all(parts), "both ranks must have answered some rows"
+    assert not set(parts[0]) & set(parts[1])
+    rows = len(pd.read_parquet(REPO / "data/sample/challenge/test.parquet"))
+    submission = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    assert submission["id"].tolist() == [str(i) for i in range(rows)]
