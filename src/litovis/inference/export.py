@@ -31,8 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from litovis.training.finetune_model import DTYPES
 from litovis.training.lora import lora_layers, target_regex
-from litovis.training.module import DTYPES, OvisFineTuner
+from litovis.training.module import OvisFineTuner
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPORT_INFO = "litovis_export.json"

@@ -1,10 +1,9 @@
 """`OvisFineTuner`: the LightningModule that fine-tunes Ovis2.5 with LoRA (or fully).
 
 Notable:
-- The model is built in `configure_model` (idempotent), inside Lightning's device context, so the
-  bf16 base lands directly on the GPU and PiSSA's SVD runs there. Under Lightning's
-  `ModelParallelStrategy` it is built on the meta device and sharded with FSDP2 before any weight
-  exists (`litovis.training.sharding`).
+- The model is built in `configure_model` (idempotent; `litovis.training.finetune_model`), inside
+  Lightning's device context, so the bf16 base lands directly on the GPU and PiSSA's SVD runs
+  there; under Lightning's `ModelParallelStrategy` it is sharded with FSDP2 before any weight exists.
 - PiSSA changes the frozen base weights. A fresh run initialises it when training starts, after any
   checkpoint restore (whatever the strategy's restore order), with rank 0's factors on every rank;
   a resumed run rebuilds the residual from the A0/B0 stored in its checkpoint
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
@@ -44,13 +42,12 @@ from litovis.training.config import (
     Trainable,
 )
 from litovis.training.distributed_pissa import pissa_initialize_on_ranks, restore_pissa_residual_on_ranks
-from litovis.training.lora import LoRAConfig, apply_lora
+from litovis.training.finetune_model import build_finetune_model
+from litovis.training.lora import LoRAConfig
 from litovis.training.loss_schedule import LossSchedule
 from litovis.training.losses import shift_targets, token_loss
 from litovis.training.rng_state import gather_rng_states, rank_rng_state, restore_rng_state
 from litovis.training.token_stats import TokenStats
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Validation metrics are reduced across ranks before they are logged (`TokenStats.reduce`), so
 # Lightning's advice to reduce epoch-level metrics with `sync_dist` does not apply to them.
@@ -130,80 +127,11 @@ class OvisFineTuner(L.LightningModule):
         if self._trainer is not None and isinstance(self.trainer.strategy, L.pytorch.strategies.FSDPStrategy):
             raise ValueError("strategy `fsdp` (FSDP1) is not supported: use lightning.pytorch.strategies."
                              "ModelParallelStrategy, which litovis shards with FSDP2 (docs/multi_gpu.md)")
-        mesh = self._device_mesh  # set by Lightning's ModelParallelStrategy: shard with FSDP2
-        if mesh is not None and self.memory.compile:
-            raise NotImplementedError("memory.compile is not supported with FSDP (ModelParallelStrategy) yet")
-        ovis = self._build_ovis(sharded=mesh is not None)
-        ovis.set_attention_backend(self.source.attn_backend)
-        ovis.train()  # load_ovis returns eval mode; LoRA dropout must be active
-        ovis.requires_grad_(False)
-        if self.source.adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(ovis, self.source.adapter, is_trainable=False)
-        elif self.finetune == "lora":
-            with torch.device("meta") if mesh is not None else nullcontext():
-                model = apply_lora(ovis, self.lora)
-            self._pissa_pending = self.lora.is_pissa
-        else:
-            ovis.llm.requires_grad_(True)
-            model = ovis
-        ovis.visual_tokenizer.vit.requires_grad_(self.trainable.vit)
-        # Ovis2.5 never uses the tower's post_layernorm: trainable, it would never get a gradient
-        # (DDP reports it as unused, and checkpoints would carry it for nothing).
-        ovis.visual_tokenizer.vit.vision_model.post_layernorm.requires_grad_(False)
-        ovis.visual_tokenizer.head.requires_grad_(self.trainable.visual_head)
-        ovis.vte.requires_grad_(self.trainable.vte)
-        # Adapters and fully trained weights keep float32 master copies; bf16 autocast computes.
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-        checkpointing = self.memory.gradient_checkpointing
-        if isinstance(checkpointing, bool):
-            ovis.llm.set_gradient_checkpointing(checkpointing)
-        else:
-            ovis.llm.set_gradient_checkpointing(True, num_layers=checkpointing)
-        if self.memory.compile:
-            if self.memory.activation_memory_budget < 1:
-                import torch._functorch.config as functorch_config
-
-                # the partitioner may then recompute activations; on CUDA random ones (dropout
-                # masks) too, replayed from their Philox seeds
-                functorch_config.activation_memory_budget = self.memory.activation_memory_budget
-                functorch_config.functionalize_rng_ops = next(ovis.parameters()).device.type == "cuda"
-            for layer in ovis.llm.model.layers:
-                layer.compile()
-        if mesh is not None:
-            from litovis.training.sharding import fsdp_mesh, materialize_sharded, shard_ovis
-
-            shard_ovis(model, ovis, fsdp_mesh(mesh), self.trainer.precision)
-            materialize_sharded(model, ovis, self.trainer.strategy.root_device, self.source.checkpoint,
-                                DTYPES[self.source.dtype], self.source.init_std, self.source.seed, self.lora.seed)
-            ovis.touch_vision_without_images = "always"
-        else:
-            vision_trains = self.trainable.vit or self.trainable.visual_head or self.trainable.vte
-            ovis.touch_vision_without_images = vision_trains
-        self.model = model
-
-    def _build_ovis(self, sharded: bool) -> torch.nn.Module:
-        """The base model: loaded or randomly initialised on the current device, or (`sharded`) only
-        built on the meta device, its weights filled after sharding."""
-        from litovis.model.checkpoint import build_ovis, load_ovis, resolve_checkpoint_dir
-        from litovis.model.config import OvisConfig
-        from litovis.model.presets import preset
-
-        dtype = DTYPES[self.source.dtype]
-        if self.source.checkpoint is not None:
-            if sharded:
-                config = OvisConfig.from_file(resolve_checkpoint_dir(self.source.checkpoint) / "config.json")
-                return build_ovis(config, dtype=dtype, device="meta")
-            ovis, _ = load_ovis(self.source.checkpoint, dtype=dtype, device=torch.get_default_device())
-            return ovis
-        if sharded:
-            return build_ovis(preset(self.source.preset), dtype=dtype, device="meta")
-        torch.manual_seed(self.source.seed)
-        return build_ovis(preset(self.source.preset), dtype=dtype, device=torch.get_default_device(),
-                          init_std=self.source.init_std)
+        sharding = None
+        if self._device_mesh is not None:  # set by Lightning's ModelParallelStrategy: shard with FSDP2
+            sharding = (self._device_mesh, self.trainer.precision, self.trainer.strategy.root_device)
+        self.model = build_finetune_model(self.source, self.finetune, self.lora, self.trainable, self.memory, sharding)
+        self._pissa_pending = self.source.adapter is None and self.finetune == "lora" and self.lora.is_pissa
 
     @classmethod
     def for_inference(cls, checkpoint: dict[str, Any], base: str | None = None) -> OvisFineTuner:
