@@ -164,13 +164,7 @@ class OvisProcessor:
             raise ImageCountError(
                 f"{where}conversation has {markers} <image> marker(s) but {len(images)} image(s)"
             )
-        chat = tokenize_chat(
-            messages,
-            self.tokenizer,
-            add_generation_prompt=add_generation_prompt,
-            enable_thinking=enable_thinking,
-            think_block=self.think_block,
-        )
+        chat = self._tokenize(messages, add_generation_prompt, enable_thinking)
         patches, grids = [], []
         for index, image in enumerate(images):
             name = f"{where}image {index}" + (f" ({image})" if isinstance(image, (str, PathLike)) else "")
@@ -204,13 +198,7 @@ class OvisProcessor:
             raise ImageCountError(
                 f"conversation has {count_image_markers(messages)} <image> marker(s) but {len(image_sizes)} image size(s)"
             )
-        chat = tokenize_chat(
-            messages,
-            self.tokenizer,
-            add_generation_prompt=add_generation_prompt,
-            enable_thinking=enable_thinking,
-            think_block=self.think_block,
-        )
+        chat = self._tokenize(messages, add_generation_prompt, enable_thinking)
         length = len(chat.input_ids)
         patch = self.image_preprocessor.patch_size
         for height, width in image_sizes:
@@ -218,6 +206,15 @@ class OvisProcessor:
             length += self.num_atoms((1, h // patch, w // patch)) + 1  # the placeholder becomes atoms + 2
         targets = sum(1 for label in chat.labels[1:] if label != IGNORE_INDEX)
         return length, targets
+
+    def _tokenize(self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool, enable_thinking: bool):
+        return tokenize_chat(
+            messages,
+            self.tokenizer,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            think_block=self.think_block,
+        )
 
     def _expand(
         self, ids: list[int], labels: list[int], grids: list[tuple[int, int, int]]

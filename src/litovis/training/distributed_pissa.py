@@ -18,7 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from litovis.training.lora import LoRAConfig, lora_layers, pissa_initialize, pissa_niter, restore_pissa_residual, seeded
+from litovis.training.lora import (
+    LoRAConfig,
+    check_pissa_state,
+    lora_layers,
+    pissa_initialize,
+    pissa_niter,
+    restore_pissa_residual,
+    seeded,
+)
 from litovis.training.sharding import local_rows, local_tensor, write_full
 
 
@@ -107,10 +115,6 @@ def restore_pissa_residual_on_ranks(model: nn.Module, initial: dict[str, Tensor]
         restore_pissa_residual(model, initial)
         return
     layers = lora_layers(model)
-    expected = {f"{name}.{part}" for name in layers for part in ("A0", "B0")}
-    if set(initial) != expected:
-        missing = sorted(expected - set(initial))[:5]
-        unexpected = sorted(set(initial) - expected)[:5]
-        raise KeyError(f"PiSSA state does not match the model's LoRA layers: missing {missing}, unexpected {unexpected}")
+    check_pissa_state(layers, initial)
     for name, layer in layers.items():
         _apply_residual_rows(layer, initial[f"{name}.A0"], initial[f"{name}.B0"])

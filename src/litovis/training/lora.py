@@ -172,10 +172,15 @@ def pissa_initialize(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tenso
 def restore_pissa_residual(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
     """Rebuild the residual base weights of a PiSSA run from its stored A0/B0 (resume, predict)."""
     layers = lora_layers(model)
+    check_pissa_state(layers, initial)
+    for name, layer in layers.items():
+        apply_pissa_residual(layer, initial[f"{name}.A0"], initial[f"{name}.B0"])
+
+
+def check_pissa_state(layers: dict[str, nn.Module], initial: dict[str, torch.Tensor]) -> None:
+    """Raise unless `initial` holds exactly an A0 and a B0 for every LoRA layer."""
     expected = {f"{name}.{part}" for name in layers for part in ("A0", "B0")}
     if set(initial) != expected:
         missing = sorted(expected - set(initial))[:5]
         unexpected = sorted(set(initial) - expected)[:5]
         raise KeyError(f"PiSSA state does not match the model's LoRA layers: missing {missing}, unexpected {unexpected}")
-    for name, layer in layers.items():
-        apply_pissa_residual(layer, initial[f"{name}.A0"], initial[f"{name}.B0"])
