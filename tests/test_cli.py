@@ -183,6 +183,7 @@ def predict(config: Path, ckpt: Path, out: Path, split: str = "test", crash: boo
     if split == "test":
         writer["submission"]["challenge_csv"] = str(out / "submission.csv")
     predict_yaml["trainer"]["enable_progress_bar"] = False
+    predict_yaml["trainer"]["default_root_dir"] = str(out)
     predict_yaml["data"]["predict_split"] = split
     overlay = out / "predict.yaml"
     out.mkdir(parents=True, exist_ok=True)

@@ -229,6 +229,7 @@ def test_distributed_predict_writes_every_test_row_once(one_process, prepare: di
     writer["output_dir"] = str(tmp_path / "parts")
     writer["submission"] = {"challenge_csv": str(tmp_path / "submission.csv")}
     overlay["data"]["batching"]["predict_batch_size"] = 4
+    overlay["trainer"]["default_root_dir"] = str(tmp_path)
     (tmp_path / "predict.yaml").write_text(yaml.safe_dump(overlay))
     litovis("predict", config, "--config", str(tmp_path / "predict.yaml"),
             "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
