@@ -172,3 +172,60 @@ def test_saving_a_model_with_foreign_tensors_is_refused(tmp_path: Path) -> None:
     model.llm.model.layers[0].self_attn.register_buffer("lora_scale", torch.ones(1))
     with pytest.raises(CheckpointMismatchError, match="lora_scale.*merge or remove adapters"):
         save_ovis(model, tmp_path)
+
+
+def _file_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("spoil", ["foreign tensor", "mixed dtypes"])
+def test_a_refused_save_leaves_the_earlier_checkpoint_unchanged(tmp_path: Path, spoil: str) -> None:
+    torch.manual_seed(0)
+    saved = build_ovis(preset("tiny"))
+    directory = save_ovis(saved, tmp_path / "ckpt", max_shard_bytes=200_000)
+    before = _file_bytes(directory)
+    bad = build_ovis(preset("tiny"))
+    if spoil == "foreign tensor":
+        bad.llm.model.layers[0].self_attn.register_buffer("lora_scale", torch.ones(1))
+    else:
+        bad.vte.to(torch.float16)
+    with pytest.raises((CheckpointMismatchError, ValueError)):
+        save_ovis(bad, directory)
+    assert _file_bytes(directory) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
+    _assert_same_tensors(saved, load_ovis(directory, dtype=torch.float32)[0])
+
+
+def test_a_save_failing_while_writing_leaves_the_earlier_checkpoint_unchanged(tmp_path: Path, monkeypatch) -> None:
+    import litovis.model.checkpoint as checkpoint
+
+    directory = save_ovis(build_ovis(preset("tiny")), tmp_path / "ckpt")
+    before = _file_bytes(directory)
+    written: list[str] = []
+
+    def fail_on_second_shard(tensors, filename, metadata=None):
+        written.append(str(filename))
+        if len(written) == 2:
+            raise OSError("disk full")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", fail_on_second_shard)
+    with pytest.raises(OSError, match="disk full"):
+        save_ovis(build_ovis(preset("tiny")), directory, max_shard_bytes=200_000)
+    assert len(written) == 2 and all(Path(name).parent != directory for name in written)
+    assert _file_bytes(directory) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_resaving_keeps_other_files_of_the_directory(tmp_path: Path) -> None:
+    directory = save_ovis(build_ovis(preset("tiny")), tmp_path / "ckpt")
+    (directory / "tokenizer.json").write_text("{}")
+    (directory / "extra").mkdir()
+    (directory / "extra" / "notes.txt").write_text("mine")
+    torch.manual_seed(5)
+    second = build_ovis(preset("tiny"))
+    save_ovis(second, directory)
+    assert (directory / "tokenizer.json").read_text() == "{}"
+    assert (directory / "extra" / "notes.txt").read_text() == "mine"
+    _assert_same_tensors(second, load_ovis(directory, dtype=torch.float32)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -5,12 +5,18 @@ builds the model on the meta device, checks every tensor name and shape against 
 before reading any data (the error lists missing keys, unexpected keys and shape mismatches,
 naming the file), then materialises the weights shard by shard with `assign=True`, cast to the
 requested dtype. `build_ovis` makes a randomly initialised model; `save_ovis` writes
-`config.json` plus `model.safetensors` or numbered shards with `model.safetensors.index.json`.
+`config.json` plus `model.safetensors` or numbered shards with `model.safetensors.index.json`,
+all checks first, then into a temporary sibling directory that is swapped in by renames.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -24,7 +30,7 @@ from litovis.model.qwen3 import RMSNorm
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CheckpointMismatchError(ValueError):
@@ -183,12 +189,16 @@ def save_ovis(model: Ovis2_5, directory: str | Path, max_shard_bytes: int = 5 * 
     """Write `config.json` and the weights in the official layout; returns the directory.
 
     Tensors go to one `model.safetensors` when they fit in `max_shard_bytes`, otherwise to
-    `model-0000i-of-0000n.safetensors` shards in state-dict order plus the index file.
+    `model-0000i-of-0000n.safetensors` shards in state-dict order plus the index file. Every check
+    runs before anything is written; the files are written and fsynced in a hidden sibling
+    directory, which replaces `directory` by renames only once complete, so a refused, failed or
+    killed save leaves an earlier checkpoint there untouched (a kill between the two renames of
+    the swap leaves `directory` absent and both complete versions as hidden siblings). Other files
+    in `directory` (tokenizer, processor, ...) are kept; weights of an earlier save are not.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # a previous save with another sharding must not linger
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; save_ovis writes a checkpoint directory")
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     with torch.device("meta"):
         reference = Ovis2_5(model.config)
@@ -200,12 +210,44 @@ def save_ovis(model: Ovis2_5, directory: str | Path, max_shard_bytes: int = 5 * 
             f"(missing {sorted(expected - got)[:5]}, extra {extra}): merge or remove adapters first"
         )
     dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
-        raise ValueError(f"save_ovis expects all tensors in one of {list(DTYPE_NAMES.values())}, got {dtypes}")
+    if len(dtypes) != 1 or next(iter(dtypes)) not in SAVE_DTYPES:
+        raise ValueError(f"save_ovis expects all tensors in one of {[_dtype_name(d) for d in SAVE_DTYPES]}, "
+                         f"got {dtypes}")
     config = OvisConfig.from_dict(model.config.to_dict())
-    config.torch_dtype = DTYPE_NAMES[next(iter(dtypes))]
-    config.save(directory / "config.json")
+    config.torch_dtype = _dtype_name(next(iter(dtypes)))
 
+    target = directory.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".saving", dir=target.parent))
+    try:
+        _write_weights(staging, config, state, max_shard_bytes)
+        if target.exists():
+            _link_other_files(target, staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk (directories: POSIX only)."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(directory: Path, config: OvisConfig, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """`config.json`, the safetensors file(s) and the index (when sharded) into `directory`, fsynced."""
+    config.save(directory / "config.json")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -218,13 +260,56 @@ def save_ovis(model: Ovis2_5, directory: str | Path, max_shard_bytes: int = 5 * 
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], directory / SINGLE_FILE, metadata=metadata)
-        return directory
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata=metadata)
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return directory
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, start=1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata=metadata)
+            weight_map.update({key: name for key in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    for file in directory.iterdir():
+        _fsync(file)
+    _fsync(directory)
+
+
+def _is_weights_file(name: str) -> bool:
+    return name == "config.json" or name == INDEX_FILE or fnmatch.fnmatch(name, "model*.safetensors")
+
+
+def _link_other_files(old: Path, new: Path) -> None:
+    """Hard-link (or copy, across filesystems) what `old` holds besides weights and config into `new`."""
+
+    def link_or_copy(source: str, destination: str) -> None:
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+    for entry in old.iterdir():
+        if _is_weights_file(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        else:
+            link_or_copy(str(entry), str(new / entry.name))
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the complete `staging` directory at `target`, replacing what was there, by renames."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.old")
+        os.rename(target, retired)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(retired, target)
+            raise
+        _fsync(target.parent)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, target)
+        _fsync(target.parent)
