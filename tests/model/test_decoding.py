@@ -16,11 +16,11 @@ from litovis.model.decoding import (
     check_prompt,
     decode_logits,
     packed_prefill,
-    pad_results,
 )
 from litovis.model.generation import GenerationConfig, generate
 from litovis.model.ovis import Ovis2_5
 from litovis.model.qwen3 import apply_rotary, rotary_cos_sin
+from litovis.model.scheduling import BatchBudget, plan_batches
 
 PAD = 0
 
@@ -66,6 +66,15 @@ def reference(model: Ovis2_5, prompts: list[EncodedPrompt], config: GenerationCo
     keys = None if row_keys is None else torch.tensor(row_keys)
     return generate(model, ids, mask, torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None,
                     config, keys)
+
+
+def pad_results(results: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """Results as one `[N, n]` tensor padded with `pad_token_id` (the reference generator's shape)."""
+    width = max((r.numel() for r in results), default=0)
+    out = torch.full((len(results), width), pad_token_id, dtype=torch.long)
+    for i, tokens in enumerate(results):
+        out[i, : tokens.numel()] = tokens
+    return out
 
 
 def fast(model: Ovis2_5, prompts: list[EncodedPrompt], config: GenerationConfig, options: DecodeOptions | None = None,
@@ -149,6 +158,55 @@ def test_a_reused_decoder_gives_what_a_fresh_one_gives(tiny_model_f64: Ovis2_5, 
     assert generator._decoder is decoder
     assert torch.equal(first, reference(tiny_model_f64, prompts[:4], _config()))
     assert torch.equal(second, reference(tiny_model_f64, prompts[1:], _config()))
+
+
+def _alone(model: Ovis2_5, prompt: EncodedPrompt, config: GenerationConfig, key: int) -> list[int]:
+    """The eager reference on one prompt, trimmed after its eos."""
+    out = generate(model, prompt.input_ids[None], None, prompt.pixel_values, prompt.grid_thws, config,
+                   torch.tensor([key]))[0].tolist()
+    for step, token in enumerate(out):
+        if token in config.eos_token_ids:
+            return out[: step + 1]
+    return out
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(do_sample=True, temperature=1.3, top_p=0.95, seed=21)])
+def test_planned_batches_give_each_row_what_it_gets_alone(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt],
+                                                          settings: dict) -> None:
+    config = _config(max_new_tokens=7, **settings)
+    generator = FastGenerator(tiny_model_f64, config, DecodeOptions(max_prefill_tokens=20))
+    batches = plan_batches([p.input_ids.numel() for p in prompts], BatchBudget(2, 40))
+    assert len(batches) > 2
+    for batch in batches:
+        outputs = generator.generate([prompts[i] for i in batch], row_keys=batch)
+        for index, tokens in zip(batch, outputs, strict=True):
+            assert tokens.tolist() == _alone(tiny_model_f64, prompts[index], config, index), index
+
+
+def _by_row(generator: FastGenerator, prompts: list[EncodedPrompt], batches: list[list[int]]) -> dict[int, list[int]]:
+    tokens = {}
+    for batch in batches:
+        for index, row in zip(batch, generator.generate([prompts[i] for i in batch], row_keys=batch), strict=True):
+            tokens[index] = row.tolist()
+    return tokens
+
+
+def test_a_rows_tokens_do_not_depend_on_its_batch(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt]) -> None:
+    config = _config(do_sample=True, temperature=1.5, seed=4, max_new_tokens=10)
+    one_by_one = _by_row(FastGenerator(tiny_model_f64, config), prompts, [[i] for i in range(len(prompts))])
+    all_at_once = _by_row(FastGenerator(tiny_model_f64, config), prompts, [list(range(len(prompts)))])
+    assert one_by_one == all_at_once
+
+
+def test_an_unset_seed_is_drawn_once_per_generator(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt]) -> None:
+    """With seed=None each batch shape gets its own selector; they must all share one seed."""
+    config = _config(do_sample=True, temperature=1.5, seed=None, max_new_tokens=10)
+    generator = FastGenerator(tiny_model_f64, config)
+    all_at_once = _by_row(generator, prompts, [list(range(len(prompts)))])
+    shapes = _by_row(generator, prompts, [[0], [1, 2], [3, 4]])  # batch buckets 1 and 2 after 8
+    assert shapes == all_at_once
+    again = _by_row(FastGenerator(tiny_model_f64, config), prompts, [list(range(len(prompts)))])
+    assert again != all_at_once, "another generator draws another seed"
 
 
 def test_packed_prefill_logits_and_cache_equal_per_prompt_forwards(tiny_model_f64: Ovis2_5,

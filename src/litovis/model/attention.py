@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 BackendName = Literal["auto", "sdpa", "varlen"]
-BACKENDS: tuple[str, ...] = ("auto", "sdpa", "varlen")
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 
 def _find_torch_varlen() -> tuple[Callable | None, frozenset[str]]:

@@ -26,7 +26,7 @@ the warm-up steps before the capture.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -44,7 +44,7 @@ DEFAULT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 12
 
 
 class PromptInputs(Protocol):
-    """One encoded prompt (e.g. `litovis.processing.processor.ProcessedSample`)."""
+    """One encoded prompt (e.g. `litovis.data.batching.EncodedSample`, what predict passes)."""
 
     input_ids: torch.Tensor
     """`[L]` ids with expanded visual spans."""
@@ -260,11 +260,14 @@ class FastGenerator:
     """Generates new tokens for batches of encoded prompts (see the module docstring).
 
     Keeps the `StaticDecoder` (cache and captured graph) of the last batch shape and reuses it
-    while batches keep that shape.
+    while batches keep that shape. A sampling seed left unset is drawn once, here, so that every
+    batch shape's selector shares it and a row's draws do not depend on its batch.
     """
 
     def __init__(self, model: Ovis2_5, config: GenerationConfig, options: DecodeOptions | None = None) -> None:
         config.validate()
+        if config.do_sample and config.seed is None:
+            config = replace(config, seed=config.resolved_seed())
         options = options or DecodeOptions()
         options.validate()
         self.model = model
@@ -356,12 +359,3 @@ def _prefill_chunks(lengths: Sequence[int], budget: int) -> list[tuple[int, int]
         used += length
     chunks.append((start, len(lengths)))
     return chunks
-
-
-def pad_results(results: Sequence[torch.Tensor], pad_token_id: int) -> torch.Tensor:
-    """Results as one `[N, n]` tensor padded with `pad_token_id` (the reference generator's shape)."""
-    width = max((r.numel() for r in results), default=0)
-    out = torch.full((len(results), width), pad_token_id, dtype=torch.long)
-    for i, tokens in enumerate(results):
-        out[i, : tokens.numel()] = tokens
-    return out

@@ -10,8 +10,8 @@ top-k, top-p.
 
 Sampling is inverse-CDF sampling with one uniform number per (seed, row key, step) from a
 counter-based integer hash, not a stateful generator: it is reproducible on any device, safe
-to capture in a CUDA graph, and a row's draws do not depend on which batch it shares (the
-scheduler keys rows by their index in the dataset).
+to capture in a CUDA graph, and a row's draws do not depend on which batch it shares (predict
+keys rows by a hash of the sample id).
 
 Rows stop independently when they produce any eos id (unless `ignore_eos`); a finished row
 emits `pad_token_id`. The optional thinking budget mirrors the official Ovis2.5 chat: after
@@ -63,7 +63,8 @@ class GenerationConfig:
     pad_token_id: int = 151643
     """Emitted by rows that have finished."""
     seed: int | None = None
-    """Seed of sampling (None = drawn from torch's global RNG once per call)."""
+    """Seed of sampling (None = drawn from torch's global RNG once per `FastGenerator`, or once per
+    `generate` call)."""
     thinking_budget: int | None = None
     """Tokens allowed before the suffix is forced on rows still thinking (None = no budget)."""
     thinking_end_id: int = 151668
