@@ -142,6 +142,26 @@ def test_thinking_budget_equals_the_reference(tiny_model_f64: Ovis2_5, prompts: 
     assert torch.equal(fast(tiny_model_f64, prompts, config, SMALL_CHUNKS), expected)
 
 
+def test_a_prompt_that_closed_its_thinking_gets_no_budget_suffix(tiny_model_f64: Ovis2_5,
+                                                                   prompts: list[EncodedPrompt]) -> None:
+    header, think_start, think_end = (300, 301), 302, 303
+    tail = {"non-thinking": [*header, 5, think_start, 5, 5, think_end, 5, 5], "thinking": [*header, 5, think_start, 5]}
+    chats = [EncodedPrompt(torch.cat([p.input_ids, torch.tensor(tail["non-thinking" if i % 2 else "thinking"])]),
+                           p.pixel_values, p.grid_thws) for i, p in enumerate(prompts)]
+    free = fast(tiny_model_f64, chats, _config(max_new_tokens=10), SMALL_CHUNKS)
+    assert think_end not in free[:, :3].flatten().tolist(), "no row may close its thinking by itself here"
+    suffix = (101, 102, think_end)
+    config = _config(max_new_tokens=10, thinking_budget=3, thinking_end_id=think_end, budget_suffix_ids=suffix,
+                     assistant_header_ids=header)
+    got = fast(tiny_model_f64, chats, config, SMALL_CHUNKS)
+    assert torch.equal(got, reference(tiny_model_f64, chats, config))
+    for row in range(len(chats)):
+        if row % 2:
+            assert torch.equal(got[row], free[row]), row
+        else:
+            assert got[row, 3:6].tolist() == list(suffix), row
+
+
 @pytest.mark.parametrize("settings", [dict(min_new_tokens=6), dict(ignore_eos=True)])
 def test_forced_lengths_equal_the_reference(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt], settings: dict) -> None:
     free = reference(tiny_model_f64, prompts, _config())
@@ -192,20 +212,20 @@ def _by_row(generator: FastGenerator, prompts: list[EncodedPrompt], batches: lis
 
 
 def test_a_rows_tokens_do_not_depend_on_its_batch(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt]) -> None:
-    config = _config(do_sample=True, temperature=1.5, seed=4, max_new_tokens=10)
-    one_by_one = _by_row(FastGenerator(tiny_model_f64, config), prompts, [[i] for i in range(len(prompts))])
-    all_at_once = _by_row(FastGenerator(tiny_model_f64, config), prompts, [list(range(len(prompts)))])
+    config = _config(do_sample=True, temperature=1.5, seed=4, max_new_tokens=6)
+    one_by_one = _by_row(FastGenerator(tiny_model_f64, config, SMALL_CHUNKS), prompts, [[i] for i in range(len(prompts))])
+    all_at_once = _by_row(FastGenerator(tiny_model_f64, config, SMALL_CHUNKS), prompts, [list(range(len(prompts)))])
     assert one_by_one == all_at_once
 
 
 def test_an_unset_seed_is_drawn_once_per_generator(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt]) -> None:
     """With seed=None each batch shape gets its own selector; they must all share one seed."""
-    config = _config(do_sample=True, temperature=1.5, seed=None, max_new_tokens=10)
-    generator = FastGenerator(tiny_model_f64, config)
+    config = _config(do_sample=True, temperature=1.5, seed=None, max_new_tokens=6)
+    generator = FastGenerator(tiny_model_f64, config, SMALL_CHUNKS)
     all_at_once = _by_row(generator, prompts, [list(range(len(prompts)))])
-    shapes = _by_row(generator, prompts, [[0], [1, 2], [3, 4]])  # batch buckets 1 and 2 after 8
+    shapes = _by_row(generator, prompts, [[0], [1, 2], [3, 4]])  # 2 rows instead of 8, shorter caches
     assert shapes == all_at_once
-    again = _by_row(FastGenerator(tiny_model_f64, config), prompts, [list(range(len(prompts)))])
+    again = _by_row(FastGenerator(tiny_model_f64, config, SMALL_CHUNKS), prompts, [list(range(len(prompts)))])
     assert again != all_at_once, "another generator draws another seed"
 
 

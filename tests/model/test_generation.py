@@ -12,7 +12,13 @@ from transformers.generation.logits_process import (
 )
 
 from litovis.model.checkpoint import build_ovis
-from litovis.model.generation import GenerationConfig, choose_tokens, process_logits, uniform_draws
+from litovis.model.generation import (
+    GenerationConfig,
+    choose_tokens,
+    process_logits,
+    thinking_closed,
+    uniform_draws,
+)
 from litovis.model.ovis import Ovis2_5
 from litovis.model.presets import preset
 
@@ -158,9 +164,45 @@ def test_thinking_budget_feeds_the_suffix_to_rows_still_thinking(model: Ovis2_5,
     assert torch.equal(got[0, 6:], continuation[0])
 
 
+HEADER = (300, 301)  # stand-ins for the ids of `<|im_start|>assistant`
+THINK_START, THINK_END = 302, 303  # and of `<think>`, `</think>`
+
+
+def test_thinking_closed_looks_after_the_last_assistant_header() -> None:
+    config = _config(thinking_end_id=THINK_END, assistant_header_ids=HEADER)
+    closed = [5, *HEADER, 7, THINK_START, 7, THINK_END, 7]
+    assert thinking_closed(torch.tensor(closed), config)
+    assert not thinking_closed(torch.tensor([5, *HEADER, 7, THINK_START, 7]), config)
+    assert not thinking_closed(torch.tensor(closed + [9, *HEADER, 7]), config), "an earlier turn's </think>"
+    assert not thinking_closed(torch.tensor([5, THINK_END, 7]), config), "no header: no answer begun"
+    assert not thinking_closed(torch.tensor([HEADER[0]]), config)
+
+
+def test_a_prompt_with_an_empty_think_block_gets_no_budget_suffix(model: Ovis2_5) -> None:
+    """Non-thinking prompts end with `<think>\\n\\n</think>\\n\\n`: the answer must never be cut."""
+    answer_only = [11, 12, *HEADER, 5, THINK_START, 5, 5, THINK_END, 5, 5]
+    thinking = [11, THINK_END, 12, *HEADER, 5, THINK_START, 5]  # a </think> of an earlier turn does not count
+    width = len(answer_only)
+    prompts = {
+        "input_ids": torch.tensor([answer_only, [PAD] * (width - len(thinking)) + thinking]),
+        "attention_mask": torch.tensor([[1] * width, [0] * (width - len(thinking)) + [1] * len(thinking)]),
+        "pixel_values": None,
+        "grid_thws": None,
+    }
+    free = model.generate(**prompts, config=_config(max_new_tokens=10))
+    assert THINK_END not in free[:, :3].flatten().tolist(), "no row may close its thinking by itself here"
+    suffix = (101, 102, THINK_END)
+    got = model.generate(**prompts, config=_config(max_new_tokens=10, thinking_budget=3, thinking_end_id=THINK_END,
+                                                   budget_suffix_ids=suffix, assistant_header_ids=HEADER))
+    assert torch.equal(got[0], free[0])
+    assert got[1, 3:6].tolist() == list(suffix)
+
+
 def test_thinking_budget_needs_a_suffix(model: Ovis2_5, prompts: dict) -> None:
     with pytest.raises(ValueError, match="budget_suffix_ids"):
         model.generate(**prompts, config=_config(thinking_budget=4))
+    with pytest.raises(ValueError, match="assistant_header_ids"):
+        _config(thinking_budget=4, budget_suffix_ids=(1,), assistant_header_ids=()).validate()
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(do_sample=True, temperature=0.0), dict(top_p=0.0),

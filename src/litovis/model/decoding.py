@@ -33,7 +33,7 @@ import torch
 
 from litovis.model.attention import AttentionLayout, packed_layout
 from litovis.model.config import LLMConfig
-from litovis.model.generation import GenerationConfig, TokenSelector
+from litovis.model.generation import GenerationConfig, TokenSelector, thinking_closed
 from litovis.model.tokens import IMAGE_START_ID, VISUAL_ATOM_ID
 
 if TYPE_CHECKING:
@@ -318,7 +318,10 @@ class FastGenerator:
         keys = torch.arange(active.numel())
         if row_keys is not None:
             keys[:count] = torch.as_tensor(list(row_keys), dtype=torch.long)
-        selector.reset(active, keys)
+        closed = torch.zeros_like(active)
+        if config.thinking_budget is not None:
+            closed[:count] = torch.tensor([thinking_closed(p.input_ids, config) for p in prompts])
+        selector.reset(active, keys, closed)
         decoder.positions.zero_()
         decoder.logits.zero_()
         for start, end in _prefill_chunks(lengths, options.max_prefill_tokens):

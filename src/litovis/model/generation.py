@@ -17,7 +17,9 @@ Rows stop independently when they produce any eos id (unless `ignore_eos`); a fi
 emits `pad_token_id`. The optional thinking budget mirrors the official Ovis2.5 chat: after
 `thinking_budget` new tokens, a row that produced neither `</think>` nor eos is fed
 `budget_suffix_ids` (a closing sentence plus `</think>\\n\\n`, as ids) token by token, then
-continues; the suffix counts toward `max_new_tokens`.
+continues; the suffix counts toward `max_new_tokens`. A row whose prompt already holds
+`</think>` after its last assistant header (the empty think block of a non-thinking prompt)
+starts closed: its answer is never cut by the suffix.
 
 `generate` is the eager reference: left-padded prompts, one padded prefill with full
 attention masks, `StaticKVCache`, one eager step at a time. The fast path must equal it.
@@ -71,6 +73,9 @@ class GenerationConfig:
     """Id of `</think>`; a row that produced it is no longer thinking."""
     budget_suffix_ids: tuple[int, ...] = ()
     """Ids forced after the budget (must end with `</think>` and newlines, as ids)."""
+    assistant_header_ids: tuple[int, ...] = (151644, 77091)
+    """Ids of `<|im_start|>assistant`: a `</think>` after the last of them in a prompt means the
+    row does not think (budget only)."""
 
     def validate(self) -> None:
         """Raise on values that make no sense rather than silently ignoring them."""
@@ -96,12 +101,30 @@ class GenerationConfig:
                 raise ValueError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
             if not self.budget_suffix_ids:
                 raise ValueError("a thinking_budget needs budget_suffix_ids (closing sentence + '</think>\\n\\n')")
+            if not self.assistant_header_ids:
+                raise ValueError("a thinking_budget needs assistant_header_ids (the ids of '<|im_start|>assistant')")
 
     def resolved_seed(self) -> int:
         """The sampling seed: `seed`, or one drawn from torch's global RNG."""
         if self.seed is not None:
             return self.seed
         return int(torch.randint(0, 2**62, ()))
+
+
+def thinking_closed(input_ids: torch.Tensor, config: GenerationConfig) -> bool:
+    """Whether a prompt `[L]` holds `thinking_end_id` after its last assistant header.
+
+    Such a prompt (the non-thinking generation prompt ends with an empty think block) asks for an
+    answer without thinking, so no thinking budget applies to it. A prompt without an assistant
+    header has no answer begun and is not closed.
+    """
+    ids = input_ids.cpu()
+    header = torch.tensor(config.assistant_header_ids)
+    width = header.numel()
+    for start in reversed((ids[: max(ids.numel() - width + 1, 0)] == header[0]).nonzero().flatten().tolist()):
+        if torch.equal(ids[start:start + width], header):
+            return bool((ids[start + width:] == config.thinking_end_id).any())
+    return False
 
 
 def process_logits(logits: torch.Tensor, generated: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:
@@ -200,8 +223,13 @@ class TokenSelector:
         self.closed = torch.zeros(batch, dtype=torch.bool, device=device)
         self.cursor = torch.full((batch,), -1, **long)
 
-    def reset(self, active: torch.Tensor, row_keys: torch.Tensor | None = None) -> None:
-        """Start a new batch: `active` `[B]` bool marks real rows (others only ever emit pad)."""
+    def reset(self, active: torch.Tensor, row_keys: torch.Tensor | None = None,
+              closed: torch.Tensor | None = None) -> None:
+        """Start a new batch: `active` `[B]` bool marks real rows (others only ever emit pad).
+
+        `row_keys` `[B]` key the sampling draws (default: the row index); `closed` `[B]` bool marks
+        rows whose prompt already closed the thinking (`thinking_closed`; default: none).
+        """
         self.step.zero_()
         self.tokens.fill_(self.config.pad_token_id)
         self.output.fill_(self.config.pad_token_id)
@@ -212,7 +240,10 @@ class TokenSelector:
         self.row_keys.copy_(row_keys)
         if self.generated is not None:
             self.generated.zero_()
-        self.closed.zero_()
+        if closed is None:
+            self.closed.zero_()
+        else:
+            self.closed.copy_(closed)
         self.cursor.fill_(-1)
 
     def advance(self, logits: torch.Tensor) -> None:
@@ -297,8 +328,11 @@ def generate(
     next_position = attention_mask.long().sum(-1, keepdim=True)
 
     selector = TokenSelector(config, batch, llm.config.vocab_size, device)
+    closed = None
+    if config.thinking_budget is not None:
+        closed = torch.tensor([thinking_closed(input_ids[row][attention_mask[row]], config) for row in range(batch)])
     selector.reset(torch.ones(batch, dtype=torch.bool, device=device),
-                   None if row_keys is None else row_keys.to(device))
+                   None if row_keys is None else row_keys.to(device), closed)
     selector.advance(llm.logits(hidden[:, -1]))
     for step in range(1, config.max_new_tokens):
         if not bool(selector.unfinished.any()):
