@@ -1,4 +1,4 @@
-"""Tests for litovis.processing.processor: span expansion, labels, limits, left padding."""
+"""Tests for litovis.processing.processor: span expansion, labels, limits, measuring."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from litovis.processing.image import ImageLoadError
 from litovis.processing.processor import (
     ImageCountError,
     OvisProcessor,
-    ProcessedSample,
     SampleTooLongError,
-    pad_for_generation,
 )
 
 TWO_IMAGES = [
@@ -143,43 +141,6 @@ def test_constructor_validates_and_repr_shows_settings(tiny_tokenizer):
     text = repr(OvisProcessor(tiny_tokenizer, max_pixels=1344 * 1792, max_length=4096))
     assert "OvisProcessor(" in text and "max_pixels=2408448" in text and "max_length=4096" in text
     assert "think_block='masked'" in text
-
-
-def _sample(ids: list[int], patches: int = 0) -> ProcessedSample:
-    has_image = patches > 0
-    return ProcessedSample(
-        input_ids=torch.tensor(ids),
-        labels=torch.full((len(ids),), IGNORE_INDEX),
-        pixel_values=torch.full((patches, 768), float(patches)) if has_image else None,
-        grid_thws=torch.tensor([[1, 2, patches // 2]]) if has_image else None,
-        num_visual_atoms=patches // 4,
-    )
-
-
-def test_pad_for_generation_left_pads_and_concatenates_in_row_order():
-    rows = [
-        _sample([1, 2, 3]),
-        _sample([4, -301, -300, -302, 5, 6], patches=4),
-        _sample([7, -301, -300, -300, -302], patches=8),
-    ]
-    batch = pad_for_generation(rows, pad_id=0)
-    assert batch["input_ids"].tolist() == [
-        [0, 0, 0, 1, 2, 3],
-        [4, -301, -300, -302, 5, 6],
-        [0, 7, -301, -300, -300, -302],
-    ]
-    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
-    assert batch["pixel_values"].shape == (12, 768)
-    assert batch["pixel_values"][:4].eq(4).all() and batch["pixel_values"][4:].eq(8).all()
-    assert batch["grid_thws"].tolist() == [[1, 2, 2], [1, 2, 4]]
-
-
-def test_pad_for_generation_text_only_and_empty():
-    batch = pad_for_generation([_sample([5]), _sample([6, 7])], pad_id=9)
-    assert batch["input_ids"].tolist() == [[9, 5], [6, 7]]
-    assert batch["pixel_values"] is None and batch["grid_thws"] is None
-    with pytest.raises(ValueError):
-        pad_for_generation([], pad_id=0)
 
 
 def test_missing_image_path_is_named(processor, tmp_path):

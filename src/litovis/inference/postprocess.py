@@ -16,15 +16,15 @@ import html
 import re
 from dataclasses import dataclass
 
+from litovis.processing.chat import THINK_END, THINK_START
+
 # A number as written in word problems: optional minus, digits with optional thousands
 # separators, optional decimals. The look-behind keeps "3-4" from reading as "-4" and "v2" or
 # the ".3" of "1.5.3" from reading as numbers of their own; units may follow ("20kg").
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 # A complete thinking block, an orphan closing tag (its opening tag was in the prompt), and an
 # unclosed opening tag (generation stopped while still thinking).
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_THINK_CLOSE = "</think>"
-_THINK_OPEN = "<think>"
+_THINK_BLOCK = re.compile(f"{re.escape(THINK_START)}.*?{re.escape(THINK_END)}", re.DOTALL)
 # Chat-template control tokens such as <|im_end|>, <|endoftext|>, <|im_start|>.
 _SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>")
 _MATH_MARKER = "####"
@@ -93,10 +93,10 @@ def normalize_number(number: str) -> str:
 
 def _remove_think(text: str) -> str:
     text = _THINK_BLOCK.sub("", text)
-    if _THINK_CLOSE in text:
-        text = text.rsplit(_THINK_CLOSE, 1)[1]
-    if _THINK_OPEN in text:
-        text = text.split(_THINK_OPEN, 1)[0]
+    if THINK_END in text:
+        text = text.rsplit(THINK_END, 1)[1]
+    if THINK_START in text:
+        text = text.split(THINK_START, 1)[0]
     return text
 
 

@@ -1,9 +1,10 @@
 """`Predictor`: a batch of encoded prompts → prediction records (`id, task, prompt, raw, answer`).
 
 It owns the fast generator (packed prefill, CUDA-graph decode, reused across batches of the same
-shape) and the tokenizer-dependent ids (eos, pad, `</think>`, the thinking-budget suffix), so the
-LightningModule's `predict_step` is one call. Sampling draws are keyed by a hash of the sample id:
-a row's answer does not depend on which batch or rank it landed in, nor on a rerun's skips.
+shape) and the tokenizer-dependent ids (eos, pad, `</think>`, the assistant header, the
+thinking-budget suffix), so the LightningModule's `predict_step` is one call. Sampling draws are
+keyed by a hash of the sample id: a row's answer does not depend on which batch or rank it landed
+in, nor on a rerun's skips.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 import torch
 
 from litovis.data.batching import EncodedSample
+from litovis.data.sample import IMAGE_MARKER
 from litovis.inference.postprocess import clean_answer
 from litovis.model.decoding import DecodeOptions, FastGenerator
 from litovis.model.generation import GenerationConfig
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID
+from litovis.processing.chat import ASSISTANT_HEADER, END_OF_TEXT, IM_END, THINK_END
 from litovis.training.config import PredictConfig
-
-IMAGE_MARKER = "<image>"
 
 
 def generation_config(settings: PredictConfig, tokenizer: Any) -> GenerationConfig:
@@ -33,7 +34,7 @@ def generation_config(settings: PredictConfig, tokenizer: Any) -> GenerationConf
             raise ValueError(f"the tokenizer has no {token!r} token (needed for generation)")
         return int(value)
 
-    end_of_turn, end_of_text = token_id("<|im_end|>"), token_id("<|endoftext|>")
+    end_of_turn, end_of_text = token_id(IM_END), token_id(END_OF_TEXT)
     suffix: tuple[int, ...] = ()
     if settings.thinking_budget is not None:
         suffix = tuple(tokenizer.encode(settings.thinking_suffix, add_special_tokens=False))
@@ -48,8 +49,9 @@ def generation_config(settings: PredictConfig, tokenizer: Any) -> GenerationConf
         pad_token_id=end_of_text,
         seed=settings.seed,
         thinking_budget=settings.thinking_budget,
-        thinking_end_id=token_id("</think>"),
+        thinking_end_id=token_id(THINK_END),
         budget_suffix_ids=suffix,
+        assistant_header_ids=tuple(tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)),
     )
     config.validate()
     return config

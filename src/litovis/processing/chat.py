@@ -36,9 +36,13 @@ THINK_BLOCKS: tuple[str, ...] = get_args(ThinkBlock)
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+"""Qwen's end-of-text token, also its padding token."""
 THINK_START = "<think>"
 THINK_END = "</think>"
 EMPTY_THINK = f"{THINK_START}\n\n{THINK_END}\n\n"
+ASSISTANT_HEADER = f"{IM_START}assistant"
+"""The start of an assistant turn (the rendered header adds a newline)."""
 
 
 class ConversationError(ValueError):
@@ -160,7 +164,7 @@ def render_segments(
             segments.append(Segment("\n", trained=False))
 
     if add_generation_prompt:
-        prompt = f"{IM_START}assistant\n"
+        prompt = f"{ASSISTANT_HEADER}\n"
         if not enable_thinking and think_block != "omitted":
             prompt += EMPTY_THINK
         segments.append(Segment(prompt, trained=False))

@@ -5,8 +5,6 @@ every image placeholder into its visual span `[-301] + [-300] * n + [-302]` with
 `n = t*h*w / hidden_stride**2` (h, w in patches); visual and indicator positions get label -100.
 Labels stay unshifted. A sample longer than `max_length` raises `SampleTooLongError`: nothing is
 ever truncated, least of all inside an image span.
-
-`pad_for_generation` left-pads processed samples into one padded batch for generation.
 """
 
 from __future__ import annotations
@@ -233,30 +231,3 @@ class OvisProcessor:
             out_ids.extend([IMAGE_START_ID, *([VISUAL_ATOM_ID] * atoms), IMAGE_END_ID])
             out_labels.extend([IGNORE_INDEX] * (atoms + 2))
         return out_ids, out_labels, total_atoms
-
-
-def pad_for_generation(samples: Sequence[ProcessedSample], pad_id: int) -> dict[str, torch.Tensor | None]:
-    """Left-pad samples into one generation batch.
-
-    Returns:
-        `input_ids [B, T]` (left-padded with `pad_id`), `attention_mask [B, T]` long (1 = real
-        token), `pixel_values [P, 768]` and `grid_thws [I, 3]` concatenated in row order (None
-        when no sample has images).
-    """
-    if not samples:
-        raise ValueError("pad_for_generation needs at least one sample")
-    width = max(len(s) for s in samples)
-    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        length = len(sample)
-        input_ids[row, width - length :] = sample.input_ids
-        attention_mask[row, width - length :] = 1
-    pixel_values = [s.pixel_values for s in samples if s.pixel_values is not None]
-    grid_thws = [s.grid_thws for s in samples if s.grid_thws is not None]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-        "grid_thws": torch.cat(grid_thws) if grid_thws else None,
-    }

@@ -13,13 +13,10 @@ from __future__ import annotations
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-PAD_TOKEN = "<|endoftext|>"
-IM_START_TOKEN = "<|im_start|>"
-IM_END_TOKEN = "<|im_end|>"
-THINK_START_TOKEN = "<think>"
-THINK_END_TOKEN = "</think>"
-SPECIAL_TOKENS = (PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
-THINK_TOKENS = (THINK_START_TOKEN, THINK_END_TOKEN)
+from litovis.processing.chat import END_OF_TEXT, IM_END, IM_START, THINK_END, THINK_START
+
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)
+THINK_TOKENS = (THINK_START, THINK_END)
 
 # Qwen2's pre-tokenizer split: contractions, letter runs (with one leading non-letter), single
 # digits, punctuation runs, newline runs, other whitespace.
@@ -90,8 +87,8 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=IM_END_TOKEN,
-        pad_token=PAD_TOKEN,
+        eos_token=IM_END,
+        pad_token=END_OF_TEXT,
         model_max_length=131072,
         clean_up_tokenization_spaces=False,
     )
