@@ -95,3 +95,28 @@ def test_clipscore_matches_independent_computation(
     assert scorer(captions, tiny_images) == pytest.approx(sum(expected) / 3, abs=1e-5)
     with pytest.raises(ValueError, match="one image per caption"):
         scorer(captions, tiny_images[:2])
+
+
+def test_clipscore_reads_images_like_the_model_inputs(tiny_clip_dir: Path, tiny_images: list[Path], tmp_path: Path) -> None:
+    """EXIF orientation is applied (as for training images) and a broken file is named, not a bare PIL error."""
+    from PIL import Image
+
+    from litovis.processing.image import ImageLoadError
+
+    upright = Image.open(tiny_images[0]).convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # EXIF orientation 6 turns it back upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated_file = tmp_path / "rotated.jpg"
+    stored.save(rotated_file, exif=exif, quality=100)
+    scorer = CLIPScorer(tiny_clip_dir, device="cpu")
+    from_file = scorer.row_scores(["a red square"], [rotated_file])[0]
+    from_upright = scorer.row_scores(["a red square"], [Image.open(rotated_file).transpose(Image.Transpose.ROTATE_270)])[0]
+    as_stored = scorer.row_scores(["a red square"], [Image.open(rotated_file).convert("RGB")])[0]
+    assert from_file == pytest.approx(from_upright, abs=1e-6)
+    assert from_file != pytest.approx(as_stored, abs=1e-6)
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        scorer.row_scores(["a red square"], [broken])

@@ -181,3 +181,66 @@ def test_model_metrics_with_local_models(
     assert summarization["primary"] == "bertscore_f1" and summarization["notes"] == []
     expected_mean = (captioning["metrics"]["clipscore"] + expected_f1) / 2
     assert result["overall"]["primary_mean"] == pytest.approx(expected_mean)
+
+
+def test_an_unreadable_image_is_noted_by_file_name(tmp_path: Path, tiny_clip_dir: Path, tiny_images: list[Path]) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not really a JPEG")
+    rows = [
+        ("c0", "captioning", "a red square", "a red square on white"),
+        ("c1", "captioning", "a broken square", "a square"),
+        ("c2", "captioning", "a missing square", "a square"),
+    ]
+    references = [Sample(id=i, task=task, target=target, images=[str(image)])
+                  for (i, task, target, _), image in zip(rows, [tiny_images[0], broken, tmp_path / "gone.jpg"],
+                                                          strict=True)]
+    result = score_records(prediction_records(rows), references, clip_model=tiny_clip_dir)
+    captioning = result["tasks"]["captioning"]
+    [note] = captioning["notes"]
+    assert note.startswith("clipscore over 1 of 3 answered rows: 2 have no readable image file: ")
+    assert f"{broken}: cannot read image" in note and f"{tmp_path / 'gone.jpg'}: no such file" in note
+    c0 = CLIPScorer(tiny_clip_dir, device="cpu").row_scores(["a red square on white"], [tiny_images[0]])[0]
+    assert captioning["metrics"]["clipscore"] == pytest.approx(c0, abs=1e-5)
+
+
+def test_bad_rows_are_named_by_file_and_line(tmp_path: Path) -> None:
+    references = tmp_path / "refs.jsonl"
+    good = json.dumps({"id": "1", "task": "vqa", "target": "x"})
+    references.write_text(f"{good}\n\n{{not json\n")
+    with pytest.raises(ValueError, match=rf"{references}:3: bad json"):
+        load_references(references)
+    references.write_text(f"\n{good}\n[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{references}:3: expected a JSON object"):
+        load_references(references)
+    references.write_text(f"{good}\n\n\n" + json.dumps({"id": "2", "target": "y"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{references}:4: record lacks 'id' or 'task'"):
+        load_references(references)
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('\n{"id": "1", "answer": "x"}\n\n{"id": "2"}\n')
+    with pytest.raises(ValueError, match=rf"{predictions}:4: record lacks 'id' or 'answer'"):
+        evaluate(predictions, write_references(tmp_path / "r.parquet", ROWS))
+    listed = tmp_path / "refs.json"
+    listed.write_text(json.dumps([json.loads(good), {"id": "2"}]))
+    with pytest.raises(ValueError, match=rf"{listed}: record 1: record lacks 'id' or 'task'"):
+        load_references(listed)
+    no_task = tmp_path / "no_task.parquet"
+    pd.DataFrame([{"id": "1", "target": "x"}]).to_parquet(no_task)
+    with pytest.raises(ValueError, match=rf"{no_task}: no 'task' column"):
+        load_references(no_task)
+
+
+def test_sentence_bleu_is_computed_once_per_row(files: tuple[Path, Path], monkeypatch) -> None:
+    import torchmetrics.functional.text as text_metrics
+
+    calls: list[int] = []
+    real = text_metrics.sacre_bleu_score
+
+    def counting(predictions, references, **kwargs):
+        calls.append(len(predictions))
+        return real(predictions, references, **kwargs)
+
+    monkeypatch.setattr(text_metrics, "sacre_bleu_score", counting)
+    predictions, references = files
+    result = evaluate(predictions, references)
+    answered = result["counts"]["scored"] - result["counts"]["missing_predictions"]
+    assert sorted(calls) == [1] * answered + [result["counts"]["scored"]]  # rows, then corpus BLEU once

@@ -14,6 +14,7 @@ from litovis.evaluation.metrics import (
     rouge_l,
     score_text_metrics,
     sentence_bleu,
+    sentence_bleu_rows,
     token_f1,
 )
 
@@ -138,3 +139,14 @@ def test_task_metric_defaults() -> None:
     assert primary_metric("captioning", ["bleu", "rouge_l"]) == "rouge_l"
     assert primary_metric("captioning", ["bleu", "rouge_l", "clipscore"]) == "clipscore"
     assert primary_metric("dacon_vqa", ["accuracy"]) == "accuracy"
+
+
+def test_known_row_bleu_is_reused_not_recomputed() -> None:
+    predictions = ["the cat sat on the mat", "the cat sat on"]
+    references = ["the cat sat on a mat", "the cat sat on the mat"]
+    rows = sentence_bleu_rows(predictions, references)
+    assert rows == [pytest.approx(sentence_bleu([p], [r])) for p, r in zip(predictions, references, strict=True)]
+    assert score_text_metrics("captioning", predictions, references, [0.25, 0.75])["bleu"] == 0.5
+    assert score_text_metrics("captioning", predictions, references)["bleu"] == pytest.approx(sum(rows) / 2)
+    with pytest.raises(ValueError, match="1 BLEU rows for 2 predictions"):
+        score_text_metrics("captioning", predictions, references, [0.5])

@@ -76,7 +76,7 @@ def test_row_keys_are_stable_across_processes_and_independent_of_order() -> None
     assert len(set(keys)) == len(keys)
     assert all(0 <= k < 2**31 for k in keys)
     assert [row_key(i) for i in reversed(ids)] == keys[::-1]
-    code = "from litovis.inference.predictor import row_key; print([row_key(i) for i in %r])" % ids
+    code = f"from litovis.inference.predictor import row_key; print([row_key(i) for i in {ids!r}])"
     # A key built on hash() would differ in an interpreter with another hash seed.
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from litovis.inference.writers import (
     SubmissionConfig,
     atomic_write_text,
+    unique_by_id,
     write_challenge_csv,
     write_dacon_csv,
     write_jsonl,
@@ -119,12 +120,37 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
         write_jsonl([{"id": "1", "task": "t", "prompt": "p", "answer": "a"}], tmp_path / "x.jsonl")
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
-    path = atomic_write_text(tmp_path / "out.txt", "old")
-    with pytest.raises(TypeError):
-        atomic_write_text(path, None)  # type: ignore[arg-type]
-    assert path.read_text() == "old"
+def test_atomic_write_text_keeps_line_endings_and_writes_utf8(tmp_path: Path) -> None:
+    path = atomic_write_text(tmp_path / "out.txt", "a\r\nb\rc\n東京")
+    assert path.read_bytes() == "a\r\nb\rc\n東京".encode()
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary left behind
+
+
+def test_submissions_are_durable_the_directory_is_synced_after_the_rename(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import stat
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    write_challenge_csv([record("0", "a")], tmp_path / "s.csv", n_rows=1)
+    write_jsonl([record("0", "a")], tmp_path / "p.jsonl")
+    assert events == ["file", "replace", "dir"] * 2
+
+
+def test_duplicate_ids_are_all_listed(tmp_path: Path) -> None:
+    records = [record("1", "a"), record("2", "b"), record("1", "c"), record("2", "d"), record("1", "e")]
+    with pytest.raises(ValueError, match=r"s\.csv: 3 duplicate ids: '1', '2', '1'"):
+        write_challenge_csv(records, tmp_path / "s.csv")
+
+
+def test_unique_by_id_keys_items_by_their_id_as_text() -> None:
+    items = [{"id": 7, "x": 1}, {"id": "8", "x": 2}]
+    assert unique_by_id(items, lambda r: r["id"], "rows") == {"7": items[0], "8": items[1]}
+    with pytest.raises(ValueError, match=r"rows: 1 duplicate ids: '7'"):
+        unique_by_id([*items, {"id": "7"}], lambda r: r["id"], "rows")
 
 
 def test_write_submissions_writes_each_configured_file(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
+
+from litovis.processing.image import load_image
 
 
 def _model_directory(path: str | Path, what: str) -> Path:
@@ -139,17 +142,17 @@ class CLIPScorer:
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
-    def row_scores(self, captions: Sequence[str], images: Sequence[str | Path]) -> list[float]:
-        """CLIPScore of each (caption, image file) row."""
-        from PIL import Image
-
+    def row_scores(self, captions: Sequence[str], images: Sequence[str | Path | Image.Image]) -> list[float]:
+        """CLIPScore of each (caption, image) row; an image is an RGB PIL image or a file, loaded by
+        `litovis.processing.image.load_image` (EXIF rotation, pixel cap; `ImageLoadError` names an
+        unreadable file)."""
         scores: list[float] = []
         for start in range(0, len(captions), self.batch_size):
             stop = start + self.batch_size
-            pictures = []
-            for path in images[start:stop]:
-                with Image.open(path) as image:
-                    pictures.append(image.convert("RGB"))
+            pictures = [
+                image if isinstance(image, Image.Image) else load_image(image, name=str(image))
+                for image in images[start:stop]
+            ]
             inputs = self.processor(
                 text=list(captions[start:stop]),
                 images=pictures,
@@ -164,7 +167,7 @@ class CLIPScorer:
             scores.extend((text * image).sum(dim=-1).clamp(min=0).tolist())
         return scores
 
-    def __call__(self, captions: Sequence[str], images: Sequence[str | Path]) -> float:
+    def __call__(self, captions: Sequence[str], images: Sequence[str | Path | Image.Image]) -> float:
         """Mean CLIPScore over rows."""
         if len(captions) != len(images) or not captions:
             raise ValueError(

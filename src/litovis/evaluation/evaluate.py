@@ -2,8 +2,8 @@
 
 `evaluate` reads a predictions file (prediction JSONL, or a submission CSV) and a references file
 (prepared parquet/JSONL of samples), joins them by id, prints a per-task table and optionally
-writes the result as JSON. `score_records` does the scoring on in-memory data, for the training
-loop's validation.
+writes the result as JSON. `score_records` does the scoring on records and samples already in
+memory.
 
 Join rules: a reference without a target cannot be scored and is reported; a reference without a
 prediction counts as a missing prediction and scores 0 on every metric; a prediction without a
@@ -19,36 +19,52 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from litovis.data.prepare import load_prepared
+from litovis.data.raw_records import RowError, read_json_records
 from litovis.data.sample import Sample
 from litovis.evaluation import metrics
 from litovis.evaluation.embedding_metrics import BERTScorer, CLIPScorer
-from litovis.inference.writers import atomic_write_text, format_ids
+from litovis.inference.writers import atomic_write_text, format_ids, unique_by_id
+from litovis.processing.image import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
 _LISTED_IDS = 20  # ids listed per category in the result; the counts are always complete
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not a JSON object: {error}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {row!r}")
-            rows.append(row)
-    return rows
+def _where(path: Path, index: int) -> str:
+    """`path:line` of the `index`-th record of a JSONL file (blank lines hold none), or
+    `path: record N` in a JSON list; only computed for an error, it reads the file again."""
+    if path.suffix.lower() != ".jsonl":
+        return f"{path}: record {index}"
+    with path.open("rb") as stream:
+        records = -1
+        for number, line in enumerate(stream, 1):
+            records += bool(line.strip())
+            if records == index:
+                return f"{path}:{number}"
+    return f"{path}: record {index}"
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, record) of a `.jsonl` file or `.json` list, read by
+    `litovis.data.raw_records.read_json_records`; a record that is not valid JSON or not a JSON
+    object raises a `ValueError` naming its `path:line`."""
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: expected a .jsonl or .json file (or .parquet references, .csv predictions)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    for index, record in read_json_records(path):
+        if isinstance(record, RowError):
+            raise ValueError(f"{_where(path, index)}: {record}")
+        if not isinstance(record, dict):
+            raise ValueError(f"{_where(path, index)}: expected a JSON object, got {record!r:.80}")
+        yield index, record
 
 
 def load_predictions(path: str | Path) -> list[dict[str, str]]:
@@ -69,54 +85,37 @@ def load_predictions(path: str | Path) -> list[dict[str, str]]:
             f"{path}: a predictions CSV needs columns id,output or ID,answer; "
             f"found {list(frame.columns)}"
         )
-    records = _read_jsonl(path)
-    for line_number, record in enumerate(records, 1):
+    records = []
+    for index, record in _json_records(path):
         if "id" not in record or "answer" not in record:
-            raise ValueError(f"{path}: record {line_number} lacks 'id' or 'answer'")
+            raise ValueError(f"{_where(path, index)}: record lacks 'id' or 'answer'")
         record["id"] = str(record["id"])
+        records.append(record)
     return records
 
 
-def _sample_from_row(row: Mapping[str, Any]) -> Sample:
-    row = dict(row)
-    for key in ("fields", "messages"):
-        # JSONL written by hand may hold these as objects rather than JSON strings.
-        if isinstance(row.get(key), (dict, list)):
-            row[key] = json.dumps(row[key], ensure_ascii=False)
-    for key in ("target", "group"):
-        if isinstance(row.get(key), float) and math.isnan(row[key]):
-            row[key] = None
-    return Sample.from_record(row)
-
-
 def load_references(path: str | Path) -> list[Sample]:
-    """Samples from a prepared parquet or JSONL file (columns id, task, target, ...)."""
+    """Samples from a prepared parquet file (`litovis.data.prepare.load_prepared`) or a JSONL /
+    JSON list of sample records (columns id, task, target, ...; `fields` and `messages` as JSON
+    text or as objects)."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
-        import pandas as pd
-
-        rows = pd.read_parquet(path).to_dict("records")
-    else:
-        rows = _read_jsonl(path)
+        try:
+            return load_prepared(path)
+        except KeyError as err:
+            raise ValueError(f"{path}: no {err} column: not a file of prepared samples") from None
     samples = []
-    for position, row in enumerate(rows):
-        if "id" not in row or "task" not in row:
-            raise ValueError(f"{path}: row {position} lacks 'id' or 'task'")
-        samples.append(_sample_from_row(row))
+    for index, record in _json_records(path):
+        if "id" not in record or "task" not in record:
+            raise ValueError(f"{_where(path, index)}: record lacks 'id' or 'task'")
+        for key in ("fields", "messages"):
+            if isinstance(record.get(key), (dict, list)):  # written by hand as objects, not JSON text
+                record[key] = json.dumps(record[key], ensure_ascii=False)
+        try:
+            samples.append(Sample.from_record(record))
+        except ValueError as err:  # `fields` / `messages` text that is not JSON
+            raise ValueError(f"{_where(path, index)}: {err}") from None
     return samples
-
-
-def _unique_by_id(items: Sequence[Any], key: Any, what: str) -> dict[str, Any]:
-    by_id: dict[str, Any] = {}
-    duplicates = []
-    for item in items:
-        identifier = str(key(item))
-        if identifier in by_id:
-            duplicates.append(identifier)
-        by_id.setdefault(identifier, item)
-    if duplicates:
-        raise ValueError(f"{what}: {len(duplicates)} duplicate ids: {format_ids(duplicates)}")
-    return by_id
 
 
 def _image_path(sample: Sample, images_dir: str | Path | None) -> Path | None:
@@ -125,24 +124,53 @@ def _image_path(sample: Sample, images_dir: str | Path | None) -> Path | None:
     path = Path(str(sample.images[0]))
     if not path.is_absolute() and images_dir is not None:
         path = Path(images_dir) / path
-    return path if path.is_file() else None
+    return path
+
+
+def _clip_scores(
+    clipscorer: CLIPScorer, rows: Sequence[tuple[Sample, str]], images_dir: str | Path | None
+) -> tuple[list[float], list[str]]:
+    """CLIPScores of the (sample, caption) rows whose image loads, and why the others have none.
+
+    Images are loaded with `litovis.processing.image.load_image` one scorer batch at a time.
+    """
+    scores: list[float] = []
+    problems: list[str] = []
+    for start in range(0, len(rows), clipscorer.batch_size):
+        captions, pictures = [], []
+        for sample, caption in rows[start:start + clipscorer.batch_size]:
+            path = _image_path(sample, images_dir)
+            if path is None:
+                problems.append(f"{sample.id}: no image")
+                continue
+            try:
+                pictures.append(load_image(path, name=str(path)))
+            except ImageLoadError as err:
+                problems.append(str(err))
+                continue
+            captions.append(caption)
+        if captions:
+            scores.extend(clipscorer.row_scores(captions, pictures))
+    return scores, problems
 
 
 def _score_task(
     task: str,
     samples: Sequence[Sample],
     answers: Sequence[str | None],
+    bleu_rows: Sequence[float],
     bertscorer: BERTScorer | None,
     clipscorer: CLIPScorer | None,
     images_dir: str | Path | None,
 ) -> dict[str, Any]:
-    answered = [(s, a) for s, a in zip(samples, answers) if a is not None]
+    """Metrics of one task; `bleu_rows` holds the sentence BLEU of each answered row, in order."""
+    answered = [(s, a) for s, a in zip(samples, answers, strict=True) if a is not None]
     scale = len(answered) / len(samples)
     predictions = [a for _, a in answered]
     targets = [s.target or "" for s, _ in answered]
     notes: list[str] = []
     if answered:
-        text_scores = metrics.score_text_metrics(task, predictions, targets)
+        text_scores = metrics.score_text_metrics(task, predictions, targets, bleu_rows)
         values = {name: value * scale for name, value in text_scores.items()}
     else:
         values = {name: 0.0 for name in metrics.text_metrics_for(task)}
@@ -155,17 +183,16 @@ def _score_task(
         if clipscorer is None:
             notes.append("clipscore skipped: no clip_model given (a local CLIP directory)")
         else:
-            with_image = [(a, _image_path(s, images_dir)) for s, a in answered]
-            usable = [(a, p) for a, p in with_image if p is not None]
-            if len(usable) < len(with_image):
+            scores, problems = _clip_scores(clipscorer, answered, images_dir)
+            if problems:
                 notes.append(
-                    f"clipscore over {len(usable)} of {len(with_image)} answered rows: "
-                    f"{len(with_image) - len(usable)} have no readable image file"
+                    f"clipscore over {len(scores)} of {len(answered)} answered rows: "
+                    f"{len(problems)} have no readable image file: " + "; ".join(problems[:_LISTED_IDS])
+                    + (f"; ... ({len(problems) - _LISTED_IDS} more)" if len(problems) > _LISTED_IDS else "")
                 )
-            # Rows without a prediction score 0; rows without an image are left out.
-            rows = len(samples) - len(with_image) + len(usable)
+            # Rows without a prediction score 0; rows without a readable image are left out.
+            rows = len(samples) - len(problems)
             if rows:
-                scores = clipscorer.row_scores([a for a, _ in usable], [p for _, p in usable])
                 values["clipscore"] = sum(scores) / rows
     return {
         "n": len(samples),
@@ -199,8 +226,8 @@ def score_records(
     Returns the result described in the module docstring: `counts`, id lists, `tasks`
     (per task: n, missing, metrics, primary, notes) and `overall`.
     """
-    by_id = _unique_by_id(references, lambda s: s.id, "references")
-    answers = _unique_by_id(records, lambda r: r["id"], "predictions")
+    by_id = unique_by_id(references, lambda s: s.id, "references")
+    answers = unique_by_id(records, lambda r: r["id"], "predictions")
     known_tasks = sorted({s.task for s in references})
     if tasks is not None:
         unknown = sorted(set(tasks) - set(known_tasks))
@@ -228,6 +255,14 @@ def score_records(
     if isinstance(clip_model, (str, Path)):
         clip_model = CLIPScorer(clip_model)
 
+    # Sentence BLEU once per answered row: the task means and the overall mean share it.
+    answered = [s for s in scored if s.id in answers]
+    bleu = dict(zip(
+        [s.id for s in answered],
+        metrics.sentence_bleu_rows([str(answers[s.id]["answer"]) for s in answered], [s.target for s in answered])
+        if answered else [],
+        strict=True,
+    ))
     samples_by_task: dict[str, list[Sample]] = defaultdict(list)
     for sample in scored:
         samples_by_task[sample.task].append(sample)
@@ -236,17 +271,13 @@ def score_records(
         samples = samples_by_task[task]
         task_answers = [str(answers[s.id]["answer"]) if s.id in answers else None for s in samples]
         task_results[task] = _score_task(
-            task, samples, task_answers, bertscore_model, clip_model, images_dir
+            task, samples, task_answers, [bleu[s.id] for s in samples if s.id in bleu],
+            bertscore_model, clip_model, images_dir,
         )
 
     overall: dict[str, Any] = {"n": len(scored)}
     if scored:
-        answered = [s for s in scored if s.id in answers]
-        predictions = [str(answers[s.id]["answer"]) for s in answered]
-        overall["bleu"] = (
-            metrics.sentence_bleu(predictions, [s.target for s in answered]) * len(answered)
-            / len(scored) if answered else 0.0
-        )
+        overall["bleu"] = sum(bleu.values()) / len(scored)
         overall["corpus_bleu"] = metrics.corpus_bleu(
             [str(answers[s.id]["answer"]) if s.id in answers else "" for s in scored],
             [s.target or "" for s in scored],

@@ -136,10 +136,15 @@ def _bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(score)
 
 
+def sentence_bleu_rows(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Sentence-level BLEU-4 of each row (see the module docstring)."""
+    _check_pairs(predictions, references)
+    return [_bleu([p], [r]) for p, r in zip(predictions, references, strict=True)]
+
+
 def sentence_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean over rows of sentence-level BLEU-4 (see the module docstring)."""
-    _check_pairs(predictions, references)
-    return _mean([_bleu([p], [r]) for p, r in zip(predictions, references)])
+    return _mean(sentence_bleu_rows(predictions, references))
 
 
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -203,7 +208,23 @@ def primary_metric(task: str, available: Sequence[str]) -> str:
 
 
 def score_text_metrics(
-    task: str, predictions: Sequence[str], references: Sequence[str]
+    task: str,
+    predictions: Sequence[str],
+    references: Sequence[str],
+    bleu_rows: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """Every text metric of `task`, by name."""
-    return {name: TEXT_METRICS[name](predictions, references) for name in text_metrics_for(task)}
+    """Every text metric of `task`, by name.
+
+    `bleu_rows`: the rows' sentence BLEU when the caller already has it (`sentence_bleu_rows`);
+    `bleu` is then their mean instead of being computed again.
+    """
+    scores = {}
+    for name in text_metrics_for(task):
+        if name == "bleu" and bleu_rows is not None:
+            _check_pairs(predictions, references)
+            if len(bleu_rows) != len(predictions):
+                raise ValueError(f"{len(bleu_rows)} BLEU rows for {len(predictions)} predictions")
+            scores[name] = _mean(bleu_rows)
+        else:
+            scores[name] = TEXT_METRICS[name](predictions, references)
+    return scores

@@ -2,8 +2,9 @@
 
 A prediction record is `{"id", "task", "prompt", "raw", "answer"}` (see `prediction_store`);
 submissions carry the cleaned `answer`. Every writer checks completeness before writing (each
-expected id exactly once, no stranger ids) and writes atomically: the file is written to a
-temporary sibling, synced, and renamed over the target, so a crash never leaves half a file.
+expected id exactly once, no stranger ids) and writes atomically and durably: the file is written
+to a temporary sibling, synced, renamed over the target, and the directory synced
+(`litovis.atomic_files`), so a crash never leaves half a file.
 
 CSV text fields are always quoted (so quotes, commas, any line breaks and unicode are safe;
 integer ids and the header are plain) and round-trip exactly through
@@ -17,12 +18,12 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from litovis.atomic_files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ _PANDAS_NA_STRINGS = frozenset(
      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 )
 _SHOWN_IDS = 10
+T = TypeVar("T")
 
 
 def format_ids(ids: Iterable[Any], limit: int = _SHOWN_IDS) -> str:
@@ -43,36 +45,31 @@ def format_ids(ids: Iterable[Any], limit: int = _SHOWN_IDS) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through a synced temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `text` (UTF-8, line endings as given) to `path` atomically and durably
+    (`litovis.atomic_files.atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def unique_by_id(items: Iterable[T], key: Callable[[T], Any], what: str) -> dict[str, T]:
+    """`items` by `str(key(item))`; a `ValueError` naming `what` lists the duplicate ids, if any."""
+    by_id: dict[str, T] = {}
+    duplicates = []
+    for item in items:
+        identifier = str(key(item))
+        if identifier in by_id:
+            duplicates.append(identifier)
+        by_id.setdefault(identifier, item)
+    if duplicates:
+        raise ValueError(f"{what}: {len(duplicates)} duplicate ids: {format_ids(duplicates)}")
+    return by_id
 
 
 def _answers_by_id(records: Iterable[Mapping[str, Any]], what: str) -> dict[str, str]:
-    answers: dict[str, str] = {}
-    duplicates = []
+    records = list(records)
     for position, record in enumerate(records):
         if "id" not in record or "answer" not in record:
             raise ValueError(f"{what}: record {position} lacks 'id' or 'answer': {dict(record)!r}")
-        key = str(record["id"])
-        if key in answers:
-            duplicates.append(key)
-        answers[key] = str(record["answer"])
-    if duplicates:
-        raise ValueError(f"{what}: {len(duplicates)} duplicate ids: {format_ids(duplicates)}")
-    return answers
+    return {key: str(record["answer"]) for key, record in unique_by_id(records, lambda r: r["id"], what).items()}
 
 
 def _warn_pandas_na(ids_and_answers: Sequence[tuple[Any, str]], path: Path) -> None:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from litovis.atomic_files import fsync_path
 from litovis.model.config import OvisConfig
 from litovis.model.ovis import Ovis2_5
 from litovis.model.qwen3 import RMSNorm
@@ -234,17 +235,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to disk (directories: POSIX only)."""
-    if path.is_dir() and os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_weights(directory: Path, config: OvisConfig, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     """`config.json`, the safetensors file(s) and the index (when sharded) into `directory`, fsynced."""
     config.save(directory / "config.json")
@@ -270,8 +260,8 @@ def _write_weights(directory: Path, config: OvisConfig, state: dict[str, torch.T
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for file in directory.iterdir():
-        _fsync(file)
-    _fsync(directory)
+        fsync_path(file)
+    fsync_path(directory)
 
 
 def _is_weights_file(name: str) -> bool:
@@ -308,8 +298,8 @@ def _swap_in(staging: Path, target: Path) -> None:
         except BaseException:
             os.rename(retired, target)
             raise
-        _fsync(target.parent)
+        fsync_path(target.parent)
         shutil.rmtree(retired)
     else:
         os.rename(staging, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
