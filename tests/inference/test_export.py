@@ -24,6 +24,7 @@ from litovis.model.checkpoint import build_ovis, load_ovis, save_ovis
 from litovis.model.ovis import Ovis2_5
 from litovis.model.presets import preset
 from litovis.processing.tiny_tokenizer import build_tiny_tokenizer
+from litovis.training.checkpoint_io import CorruptCheckpointError
 from litovis.training.config import MemoryConfig, ModelSource, Trainable
 from litovis.training.lora import LLM_PROJECTIONS, LoRAConfig
 from litovis.training.module import OvisFineTuner
@@ -209,10 +210,26 @@ def test_checkpoint_without_litovis_block_is_refused(trained, tmp_path) -> None:
     state = torch.load(trained("lora")[0], weights_only=True)
     del state["litovis"]
     torch.save(state, tmp_path / "plain.ckpt")
-    with pytest.raises(ValueError, match=r"plain\.ckpt: no `litovis` block"):
+    with pytest.raises(ValueError, match=r"plain\.ckpt: cannot restore the trained model: no `litovis` block"):
         export(str(tmp_path / "plain.ckpt"), str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
         export(str(tmp_path / "nowhere.ckpt"), str(tmp_path / "out"))
+    state = torch.load(trained("lora")[0], weights_only=True)
+    del state["litovis"]["trainable"]
+    torch.save(state, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"old\.ckpt: the `litovis` block lacks \['trainable'\]"):
+        export(str(tmp_path / "old.ckpt"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_names_the_newest_readable_one(trained, tmp_path) -> None:
+    good = tmp_path / "step1.ckpt"
+    good.write_bytes(trained("lora")[0].read_bytes())
+    damaged = tmp_path / "last.ckpt"
+    damaged.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=rf"(?s)last\.ckpt: it is truncated.*newest readable checkpoint.*{good}"):
+        export(str(damaged), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_empty_output_dir_is_refused(trained, tmp_path) -> None:

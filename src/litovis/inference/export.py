@@ -3,8 +3,9 @@
 Notable:
 - The trained model is rebuilt and restored by the training module itself
   (`OvisFineTuner.for_inference`: the `on_load_checkpoint` + `load_state_dict` path of a resumed
-  run), so an export cannot disagree with training. The checkpoint is read with
-  `weights_only=True` and memory-mapped, so its optimizer state is never read into memory.
+  run), so an export cannot disagree with training. The checkpoint is read by
+  `litovis.training.checkpoint_io.load_checkpoint_file` (`weights_only=True`; a damaged file's
+  error names the newest readable checkpoint beside it).
 - `adapter`: a standard PEFT directory for the pristine official model. A PiSSA adapter is only
   valid on its residual base `W - s·B0·A0`, so it becomes a plain LoRA on the original base:
   ΔW = s·(B·A - B0·A0) = s·B'·A' with A' = [A; A0], B' = [B, -B0], rank 2r. The tensors are
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from litovis.training.checkpoint_io import load_checkpoint_file
 from litovis.training.finetune_model import DTYPES
 from litovis.training.lora import lora_layers, target_regex
 from litovis.training.module import OvisFineTuner
@@ -75,10 +76,14 @@ def export(
     path, output = Path(checkpoint), Path(output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} exists and is not empty: choose a new output_dir")
-    state = read_checkpoint(path)
-    meta = state["litovis"]
-    if format == "adapter":
-        check_adapter_can_hold(meta, path)
+    state = load_checkpoint_file(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a checkpoint written by litovis fit")
+    meta = state.get("litovis")
+    if isinstance(meta, dict):  # without one, `for_inference` below says so
+        check_litovis_block(meta, path)
+        if format == "adapter":  # before the (slow) model build
+            check_adapter_can_hold(meta, path)
     try:
         module = OvisFineTuner.for_inference(state, base=base)
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -116,20 +121,11 @@ def export(
     return output
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A litovis checkpoint read with `weights_only=True` (memory-mapped); checks its `litovis` block."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{path}: not readable as a torch checkpoint with weights_only=True: {err}") from err
-    if not isinstance(state, dict) or not isinstance(state.get("litovis"), dict) or "state_dict" not in state:
-        raise ValueError(f"{path}: no `litovis` block or `state_dict`: not a checkpoint written by litovis fit")
-    missing = sorted({"source", "finetune", "lora", "trainable"} - set(state["litovis"]))
+def check_litovis_block(meta: dict[str, Any], path: Path) -> None:
+    """Raise unless the checkpoint's `litovis` block holds what an export rebuilds the model from."""
+    missing = sorted({"source", "finetune", "lora", "trainable"} - set(meta))
     if missing:
         raise ValueError(f"{path}: the `litovis` block lacks {missing}: not written by this version of litovis")
-    return state
 
 
 def check_adapter_can_hold(meta: dict[str, Any], path: Path) -> None:
