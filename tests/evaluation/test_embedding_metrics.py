@@ -1,3 +1,5 @@
+"""BERTScore and CLIPScore with tiny local models, against independent per-pair computations."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,3 +1,5 @@
+"""`evaluate` / `score_records`: the join of predictions and references, per-task and overall scores, and readable errors."""
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,5 @@
+"""Per-task answer metrics checked against hand-computed values: exact match, token F1, BLEU, ROUGE-L."""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,5 @@
+"""`clean_answer`: each cleaning rule on its own, the math answer line, number helpers, and idempotence."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,3 +1,5 @@
+"""Prediction parts: append and reopen, crash remnants vs corruption, duplicates, merge, and reruns that skip finished ids."""
+
 from __future__ import annotations
 
 import json

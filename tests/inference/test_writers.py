@@ -1,3 +1,5 @@
+"""Submission writers: column layout and order, id completeness checks, exact CSV round trips, durable atomic writes."""
+
 from __future__ import annotations
 
 import json

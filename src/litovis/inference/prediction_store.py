@@ -159,8 +159,8 @@ def merge(directory: str | Path, expected_ids: Iterable[str] | None = None) -> l
     """All records of all parts of `directory`, each id once.
 
     Parts are read in rank order and the first complete record of an id wins; identical
-    duplicates (e.g. from a distributed sampler's padding) are dropped quietly, conflicting ones
-    with a warning. With `expected_ids`, every expected id must be present and no other, and the
+    duplicates (a rerun that did not skip the ids already stored writes them again) are dropped
+    quietly, conflicting ones with a warning. With `expected_ids`, every expected id must be present and no other, and the
     result follows `expected_ids` order; otherwise it is in order of first appearance.
     """
     directory = Path(directory)

@@ -1,7 +1,7 @@
 """One attention entry point for the ViT (bidirectional, per image) and the LLM (causal).
 
 A forward pass first describes *who may attend to whom* once, as an `AttentionLayout`, then
-every layer calls `attend(q, k, v, layout)`. Three layouts exist:
+every layer calls `attend(q, k, v, layout)`. Two layouts exist:
 
 - packed (`packed_layout`): one row `[1, T]` holding several sequences delimited by `cu_seqlens`;
   attention never crosses a boundary. Used by training (causal) and by the ViT (bidirectional,

@@ -1,7 +1,8 @@
 """The Ovis2.5 model: Qwen3 LLM + visual tokenizer (SigLIP2-NaViT + head) + visual embedding table.
 
 `forward` merges text and images into one embedding sequence and runs the LLM over a padded
-batch or a packed row (see the batch contract in BRIEF/DESIGN):
+batch (`attention_mask`) or a packed row (`position_ids`, `cu_seqlens`, `max_seqlen`; see
+`litovis.data.batching.PackedBatch`):
 
 - text ids are embedded by the LLM's table (placeholder ids, all negative, read row 0);
 - indicator ids -301..-304 take VTE rows `visual_vocab_size - 4 .. - 1`;
