@@ -46,6 +46,7 @@ from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
 
 TEST_ROWS = 2493
 QWEN_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|> (also pad)
+QWEN_TEXT_VOCAB = 151643  # ids below <|endoftext|> are ordinary text tokens
 
 
 def eos_ids(vocab: int) -> tuple[int, ...]:
@@ -81,32 +82,38 @@ class Timing:
         return math.ceil(TEST_ROWS / self.batch) * self.per_batch / 60
 
 
+def random_text(shape: tuple[int, ...], vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """Random ordinary text ids (Qwen's special ids excluded; any id of a smaller vocabulary)."""
+    return torch.randint(0, min(vocab, QWEN_TEXT_VOCAB), shape, generator=gen)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def synth_prompts(rows: int, tokens: int, grid: tuple[int, int, int], vocab: int, images: bool,
+def synth_prompts(rows: int, tokens: int, grid: tuple[int, int, int], config: OvisConfig,
                   seed: int) -> list[EncodedPrompt]:
-    """`rows` prompts of `tokens` ids; with `images`, every other row has one image of `grid` patches."""
+    """`rows` prompts of `tokens` ids; every other row has one image of `grid` patches."""
     gen = torch.Generator().manual_seed(seed)
+    vit, vocab = config.vit, config.llm.vocab_size
     t, h, w = grid
-    atoms = t * h * w // 4
-    pixels = torch.rand(t * h * w, 768, generator=gen) * 2 - 1  # shared: the values do not change the work
+    atoms = t * h * w // vit.hidden_stride**2
+    patch_dim = vit.num_channels * vit.patch_size**2
+    pixels = torch.rand(t * h * w, patch_dim, generator=gen) * 2 - 1  # shared: the values do not change the work
     grid_thws = torch.tensor([grid])
-    text_vocab = min(vocab, 151643)
     prompts = []
     for row in range(rows):
-        if images and row % 2 == 0:
+        if row % 2 == 0:
             text = tokens - atoms - 2
             if text < 2:
                 raise SystemExit(f"--prompt-tokens {tokens} leaves no room for text beside {atoms} atoms")
-            ids = torch.randint(0, text_vocab, (text,), generator=gen)
+            ids = random_text((text,), vocab, gen)
             span = torch.tensor([IMAGE_START_ID] + [VISUAL_ATOM_ID] * atoms + [IMAGE_END_ID])
             ids = torch.cat([ids[: text // 2], span, ids[text // 2:]])
             prompts.append(EncodedPrompt(ids, pixels, grid_thws))
         else:
-            prompts.append(EncodedPrompt(torch.randint(0, text_vocab, (tokens,), generator=gen)))
+            prompts.append(EncodedPrompt(random_text((tokens,), vocab, gen)))
     return prompts
 
 
@@ -121,7 +128,7 @@ def prefill_flops(config: OvisConfig, prompts: list[EncodedPrompt]) -> float:
         if prompt.grid_thws is not None:
             t, h, w = prompt.grid_thws[0].tolist()
             total += t * h * w * vit_forward_flops_per_patch(config.vit, h * w)
-            total += t * h * w // 4 * visual_head_forward_flops_per_atom(config)
+            total += t * h * w // config.vit.hidden_stride**2 * visual_head_forward_flops_per_atom(config)
     return total
 
 
@@ -196,18 +203,19 @@ def transformers_llm(model, device: torch.device):
 
 
 @torch.no_grad()
-def run_transformers(hf, batch: int, rows: int, tokens: int, new_tokens: int, vocab: int, seed: int,
+def run_transformers(hf, batch: int, text_ids: torch.Tensor, new_tokens: int, vocab: int,
                      device: torch.device) -> tuple[Timing, torch.Tensor]:
-    """Time transformers' generate; also return its new tokens of the first batch (for agreement)."""
+    """Time transformers' generate over `text_ids` `[rows, tokens]` in batches of `batch` rows; also
+    return its new tokens of the first batch (for agreement)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(seed)
+    rows, tokens = text_ids.shape
     eos = eos_ids(vocab)
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=eos[1],
                   eos_token_id=list(eos))
     seconds, produced, first = [], 0, None
-    for _ in range(0, rows, batch):
-        ids = torch.randint(0, min(vocab, 151643), (batch, tokens), generator=gen).to(device)
+    for start in range(0, rows, batch):
+        ids = text_ids[start:start + batch].to(device)
         synchronize(device)
         began = time.perf_counter()
         out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -226,13 +234,6 @@ def agreement(ours: list[torch.Tensor], theirs: torch.Tensor) -> str:
     same_first = (ours[:, 0] == theirs[:, 0]).float().mean().item()
     same_all = (ours == theirs).all(-1).float().mean().item()
     return f"first {same_first:.0%}, all {same_all:.0%}"
-
-
-def text_batch_like(batch: int, tokens: int, vocab: int, seed: int) -> list[EncodedPrompt]:
-    """The first text-only batch `run_transformers` draws (same generator, same order)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(vocab, 151643), (batch, tokens), generator=gen)
-    return [EncodedPrompt(row.clone()) for row in ids]
 
 
 def print_table(timings: list[Timing]) -> None:
@@ -276,14 +277,17 @@ def main() -> None:
     batch_sizes = [int(b) for b in (args.batch_sizes or ("2,4" if small else "16,64")).split(",")]
     tokens = args.prompt_tokens or (64 if small else 1940)
     side = args.image_side or (64 if small else 1280)
-    if side % 32:
-        raise SystemExit("--image-side must be a multiple of 32 (patch 16 x hidden stride 2)")
-    grid = (1, side // 16, side // 16)
 
     torch.manual_seed(args.seed)
     dtype = torch.float32 if small and device.type == "cpu" else torch.bfloat16
     model = build_ovis(preset("tiny" if small else "9b"), dtype=dtype, device=device).eval()
     vocab = model.config.llm.vocab_size
+    vit = model.config.vit
+    if side % (vit.patch_size * vit.hidden_stride):
+        raise SystemExit(f"--image-side must be a multiple of {vit.patch_size * vit.hidden_stride} "
+                         f"(patch {vit.patch_size} x hidden stride {vit.hidden_stride})")
+    grid = (1, side // vit.patch_size, side // vit.patch_size)
+    atoms = grid[1] * grid[2] // vit.hidden_stride**2
     if args.compile:
         for layer in model.llm.model.layers:
             layer.compile()
@@ -304,20 +308,25 @@ def main() -> None:
           f"{' + torch.compile' if args.compile else ''}; sync every {args.sync_every} steps")
     if device.type == "cuda":
         print(f"bf16 matmul peak: {measure_matmul_tflops(device):.0f} TFLOP/s")
-    print(f"prompts: {tokens} tokens, every other row one {side}x{side} image ({grid[1] * grid[2] // 4} atoms); "
+    print(f"prompts: {tokens} tokens, every other row one {side}x{side} image ({atoms} atoms); "
           f"{args.new_tokens} new tokens forced; projection: {TEST_ROWS} rows\n")
 
     hf = None if args.no_baseline else transformers_llm(model, device)
     if hf is not None:  # transformers' own warm-up (kernels, allocator)
-        warm = torch.randint(0, min(vocab, 151643), (2, 16)).to(device)
+        warm = random_text((2, 16), vocab, torch.Generator().manual_seed(args.seed)).to(device)
         hf.generate(input_ids=warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4,
                     pad_token_id=eos[1], eos_token_id=list(eos))
     timings: list[Timing] = []
     ratios: list[str] = []
     for batch in batch_sizes:
         rows = args.rows or 2 * batch
-        prompts = synth_prompts(rows, tokens, grid, vocab, images=True, seed=args.seed + batch)
-        text = text_batch_like(batch, tokens, vocab, args.seed + 1000 + batch) if hf is not None else None
+        prompts = synth_prompts(rows, tokens, grid, model.config, seed=args.seed + batch)
+        # Text-only prompts, drawn once: transformers runs them all, ours the first batch (agreement).
+        text_ids, text = None, None
+        if hf is not None:
+            batches = -(-rows // batch)
+            text_ids = random_text((batches * batch, tokens), vocab, torch.Generator().manual_seed(args.seed + 1000 + batch))
+            text = [EncodedPrompt(row.clone()) for row in text_ids[:batch]]
         ours_runs = []
         for name, variant in options.items():
             try:
@@ -336,8 +345,7 @@ def main() -> None:
                 ours_runs.append((name, ours, ours_text, text_tokens))
         if hf is None or not ours_runs:
             continue
-        theirs, their_tokens = run_transformers(hf, batch, rows, tokens, args.new_tokens, vocab,
-                                                args.seed + 1000 + batch, device)
+        theirs, their_tokens = run_transformers(hf, batch, text_ids, args.new_tokens, vocab, device)
         timings.append(theirs)
         for name, ours, ours_text, text_tokens in ours_runs:
             ours_text.agree = agreement(text_tokens, their_tokens)
