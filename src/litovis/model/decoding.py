@@ -123,7 +123,7 @@ def check_prompt(prompt: PromptInputs, index: int, hidden_stride: int = 2) -> No
 class RowKVCache:
     """Keys/values per layer `[B, kv_heads, max_len, head_dim]`; row b's token at position p sits in slot p.
 
-    `update` writes at the `CacheWrite` coordinates; what it returns depends on the phase: the
+    A layer's `update` writes at the `CacheWrite` coordinates; what it returns depends on the phase: the
     packed prefill attends among its own new keys/values, a decode step attends over the cache.
     """
 
@@ -135,14 +135,23 @@ class RowKVCache:
         self.batch = batch
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: CacheWrite) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, index: int) -> RowLayerKV:
+        return RowLayerKV(self.keys[index], self.values[index])
+
+
+class RowLayerKV:
+    """One layer's `RowKVCache` buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, write: CacheWrite) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v `[B', T, kv_heads, D]` (flattened in order) at `write`'s (row, slot) pairs."""
         heads, dim = k.shape[-2:]
-        keys, values = self.keys[layer], self.values[layer]
-        keys[write.rows, :, write.slots] = k.reshape(-1, heads, dim).to(keys.dtype)
-        values[write.rows, :, write.slots] = v.reshape(-1, heads, dim).to(values.dtype)
+        self.keys[write.rows, :, write.slots] = k.reshape(-1, heads, dim).to(self.keys.dtype)
+        self.values[write.rows, :, write.slots] = v.reshape(-1, heads, dim).to(self.values.dtype)
         if write.attend_cache:
-            return keys.transpose(1, 2), values.transpose(1, 2)
+            return self.keys.transpose(1, 2), self.values.transpose(1, 2)
         return k, v
 
 

@@ -67,11 +67,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-class KVCache(Protocol):
-    """What a decoder layer needs from a cache: store this layer's new keys/values, return the
-    keys/values the queries attend to (`[B, Tk, kv_heads, head_dim]`, any strides)."""
+class LayerKV(Protocol):
+    """What a decoder layer needs from a cache: store its new keys/values, return the keys/values the
+    queries attend to (`[B, Tk, kv_heads, head_dim]`, any strides)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, slots: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+class KVCache(Protocol):
+    """A cache over all layers: `layer(i)` is layer i's `LayerKV`.
+
+    Layers get their own view, not the cache and an index: a compiled decoder layer would otherwise
+    be specialised on the index and recompiled for every layer (past dynamo's cache limit).
+    """
+
+    def layer(self, index: int) -> LayerKV:
         ...
 
 
@@ -87,19 +98,28 @@ class StaticKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, index: int) -> StaticLayerKV:
+        return StaticLayerKV(self.keys[index], self.values[index])
+
+
+class StaticLayerKV:
+    """One layer's `StaticKVCache` buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v `[B, Tq, Hkv, D]` at cache slots `[Tq]`; return the whole cache of this layer."""
-        self.keys[layer].index_copy_(1, slots, k.to(self.keys[layer].dtype))
-        self.values[layer].index_copy_(1, slots, v.to(self.values[layer].dtype))
-        return self.keys[layer], self.values[layer]
+        self.keys.index_copy_(1, slots, k.to(self.keys.dtype))
+        self.values.index_copy_(1, slots, v.to(self.values.dtype))
+        return self.keys, self.values
 
 
 class Qwen3Attention(nn.Module):
     """Multi-head attention with per-head RMSNorm on q and k, rotary positions and GQA."""
 
-    def __init__(self, config: LLMConfig, layer_index: int) -> None:
+    def __init__(self, config: LLMConfig) -> None:
         super().__init__()
-        self.layer_index = layer_index
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -116,7 +136,7 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        cache: KVCache | None = None,
+        cache: LayerKV | None = None,
         cache_slots: Any = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -125,7 +145,7 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_index, k, v, cache_slots)
+            k, v = cache.update(k, v, cache_slots)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), layout)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
@@ -146,9 +166,9 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: LLMConfig, layer_index: int) -> None:
+    def __init__(self, config: LLMConfig) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, layer_index)
+        self.self_attn = Qwen3Attention(config)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -159,7 +179,7 @@ class Qwen3DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        cache: KVCache | None = None,
+        cache: LayerKV | None = None,
         cache_slots: Any = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, cache_slots)
@@ -172,7 +192,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -290,7 +310,7 @@ class Qwen3ForCausalLM(nn.Module):
         """Decoder layers and final norm over input embeddings `[B, T, hidden]` with a ready layout.
 
         The lower half of `forward`, for callers that build their own layout and cache: anything
-        with `update(layer, k, v, cache_slots) -> (keys, values)` serves as `cache` (the keys and
+        with `layer(i).update(k, v, cache_slots) -> (keys, values)` serves as `cache` (the keys and
         values it returns are what the queries attend to under `layout`).
         """
         cos, sin = rotary_cos_sin(position_ids.to(hidden.device), self.config.head_dim, self.config.rope_theta, hidden.dtype)
@@ -299,5 +319,5 @@ class Qwen3ForCausalLM(nn.Module):
             if checkpointing and index < self.checkpointed_layers:
                 hidden = checkpoint(layer, hidden, cos, sin, layout, use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, layout, cache, cache_slots)
+                hidden = layer(hidden, cos, sin, layout, None if cache is None else cache.layer(index), cache_slots)
         return self.model.norm(hidden)
