@@ -227,6 +227,20 @@ def test_validation_predictions_are_scored_per_task(tmp_path: Path, trained: tup
     assert result["counts"]["missing_predictions"] == 0
 
 
+def test_test_command_logs_the_loss_of_a_checkpoint(tmp_path: Path, trained: tuple[Path, Path]) -> None:
+    config, ckpt = trained
+    metrics = {}
+    for command in ("test", "validate"):
+        cli = LitovisCLI(args=[command, "--config", str(config), "--ckpt_path", str(ckpt),
+                               "--trainer.logger.init_args.save_dir", str(tmp_path / command)])
+        metrics.update(cli.trainer.callback_metrics)
+    assert 0 < float(metrics["test/loss"]) < 100
+    assert {"test/ce_vqa", "test/token_acc"} <= set(metrics)
+    # the same data and the same evaluation code: `test` reports what `validate` reports
+    for name in ("loss", "token_acc", "ce_vqa"):
+        assert float(metrics[f"test/{name}"]) == pytest.approx(float(metrics[f"val/{name}"])), name
+
+
 def test_prepare_command_takes_a_config_and_field_overrides(tmp_path: Path) -> None:
     from litovis.cli import main
 
