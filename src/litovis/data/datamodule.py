@@ -317,9 +317,6 @@ class OvisDataModule(L.LightningDataModule):
             dataset, batch_sampler=PlannedBatches(batches[rank::world]), collate_fn=list, num_workers=self.num_workers
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "task_names": list(self.task_names)}
-
 
 class PlannedBatches(Sampler[list[int]]):
     """A fixed, precomputed list of batches (Lightning wraps batch samplers, so not a plain list)."""

@@ -20,7 +20,6 @@ With `16-mixed` the GradScaler's overflow steps are counted too (it lowers its s
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -32,11 +31,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
-
-
-def _sample_ids(batch: Any) -> list[str]:
-    ids = batch.get("sample_ids") if isinstance(batch, Mapping) else getattr(batch, "sample_ids", None)
-    return [str(i) for i in ids] if ids is not None else []
 
 
 class NonFiniteGuard(L.Callback):
@@ -62,7 +56,7 @@ class NonFiniteGuard(L.Callback):
         if trainer.global_step != self._step:  # first micro-batch of a new optimizer step
             self._step = trainer.global_step
             self._batch_ids, self._loss_finite = [], []
-        self._batch_ids.append(_sample_ids(batch))
+        self._batch_ids.append([str(i) for i in getattr(batch, "sample_ids", [])])
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self._loss_finite.append(torch.isfinite(loss.detach()).all())
