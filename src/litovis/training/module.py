@@ -43,9 +43,10 @@ from litovis.training.config import (
 from litovis.training.distributed_pissa import pissa_initialize_on_ranks, restore_pissa_residual_on_ranks
 from litovis.training.finetune_model import build_finetune_model
 from litovis.training.lora import LoRAConfig
-from litovis.training.lr_schedule import build_lr_scheduler
 from litovis.training.losses import shift_targets, token_loss
+from litovis.training.lr_schedule import build_lr_scheduler
 from litovis.training.rng_state import gather_rng_states, rank_rng_state, restore_rng_state
+from litovis.training.sharding import total_norm
 from litovis.training.token_stats import TokenStats
 
 # Validation/test metrics are reduced across ranks before they are logged (`TokenStats.reduce`),
@@ -305,10 +306,7 @@ class OvisFineTuner(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            total = torch.nn.utils.get_total_norm(grads)
-            if hasattr(total, "full_tensor"):  # sharded gradients (FSDP): the norm over all shards
-                total = total.full_tensor()
-            self.log("train/grad_norm", total.item(), on_step=True, on_epoch=False, batch_size=1)
+            self.log("train/grad_norm", total_norm(grads).item(), on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch, batch_idx)

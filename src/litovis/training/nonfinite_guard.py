@@ -26,6 +26,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from litovis.training.sharding import total_norm
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,7 @@ class NonFiniteGuard(L.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         device = pl_module.device
         grads_finite = (
-            torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])).to(device)
+            torch.isfinite(total_norm([p.grad for p in params])).to(device)
             if params
             else torch.ones((), dtype=torch.bool, device=device)
         )

@@ -101,6 +101,15 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of `tensors` taken together, as a plain tensor even when they are FSDP shards
+    (then a collective: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    total = torch.nn.utils.get_total_norm(tensors)
+    return total.full_tensor() if isinstance(total, DTensor) else total
+
+
 @torch.no_grad()
 def write_rows(param: torch.Tensor, rows: torch.Tensor, name: str = "") -> None:
     """Copy `rows` (this rank's rows of the full tensor, see `local_rows`) into `param`'s shard."""
