@@ -1,5 +1,5 @@
 """`OvisDataModule`: the checks that keep sharding and accumulation right under several processes,
-and when `prepare_data` prepares the data again.
+when `prepare_data` prepares the data again, and that measured prompt lengths are the real ones.
 
 A real (not launched) Lightning `Trainer` with `strategy="ddp", devices=2` gives the data module
 the world size and rank it would see in each process.
@@ -16,7 +16,7 @@ import pytest
 from tiny_inputs import write_parquet
 
 from litovis.data.curate import CurationConfig
-from litovis.data.datamodule import BatchingConfig, OvisDataModule
+from litovis.data.datamodule import BatchingConfig, OvisDataModule, ProcessingConfig
 from litovis.data.fetch import FetchOptions
 from litovis.data.prepare import PrepareConfig, _write_parquet, is_prepared, load_prepared, run_prepare
 from litovis.data.sample import Sample
@@ -104,6 +104,26 @@ def test_each_validation_batch_counts_on_exactly_one_rank(prepared: Path) -> Non
                 counted.append(batch)
     assert flagged == 1
     assert sorted(i for batch in counted for i in batch) == list(range(5))
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_measured_prompt_lengths_are_the_lengths_of_the_prompts_generated(prepared: Path, enable_thinking: bool) -> None:
+    def predicting(thinking: bool) -> OvisDataModule:
+        module = OvisDataModule(
+            source=ModelSource(preset="tiny", tokenizer="tiny"), prepared_dir=str(prepared),
+            prompts=str(REPO / "configs/prompts.yaml"), processing=ProcessingConfig(enable_thinking=thinking),
+            num_workers=0, predict_split="val",
+        )
+        module.setup("predict")
+        return module
+
+    module = predicting(enable_thinking)
+    measured = module._splits["val:generation"]
+    produced = {item.id: len(item.input_ids) for batch in module.predict_dataloader() for item in batch}
+    assert produced == {s.id: n for s, n in zip(measured.samples, measured.lengths, strict=True)}
+    # the setting matters: without thinking the prompt carries the empty think block
+    other = predicting(not enable_thinking)._splits["val:generation"].lengths
+    assert all(a != b for a, b in zip(measured.lengths, other, strict=True))
 
 
 def text_only_prepare(tmp_path: Path) -> PrepareConfig:

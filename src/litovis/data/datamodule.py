@@ -166,7 +166,8 @@ class OvisDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"{path} not found: run `litovis prepare` or set data.prepare")
             samples = load_prepared(path)
             self._splits[key] = measure_samples(
-                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{key}"
+                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{key}",
+                enable_thinking=self.processing.enable_thinking,
             )
         self.templates = templates
         tasks = {s.task for key, split in self._splits.items() for s in split.samples}
