@@ -92,41 +92,6 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the sample's paths are relative to the repository
 
 
-class ParseOnly(LitovisCLI):
-    """Parses and validates a config without building anything (a 9B config on a CPU)."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
-def test_every_shipped_config_parses_as_its_command_uses_it() -> None:
-    """Each config's first line is the command that uses it; parse exactly those --config files."""
-    configs = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "prompts.yaml")
-    assert len(configs) >= 8
-    for path in configs:
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# litovis "), f"{path} must start with the command that uses it"
-        words = first.split()
-        command = words[2]
-        files = [REPO / words[i + 1] for i, word in enumerate(words) if word == "--config"]
-        assert path in files, f"{path}: its command does not use it"
-        if command in ("fit", "validate", "test", "predict"):
-            args = [arg for f in files for arg in ("--config", str(f))]
-            cli = ParseOnly(args=args, run=False)
-            source = cli.config["model"]["source"]
-            assert (source["checkpoint"] is None) != (source["preset"] is None), path
-            assert cli.config["trainer"]["use_distributed_sampler"] is False, path
-        else:
-            assert command == "prepare", path
-            from jsonargparse import ArgumentParser
-
-            from litovis.data.prepare import PrepareConfig
-
-            parser = ArgumentParser()
-            parser.add_argument("--prepare", type=PrepareConfig)
-            parser.instantiate(parser.parse_args(["--prepare", str(path)]))
-
-
 def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, prepared: dict) -> None:
     changes = {
         "trainer.max_steps": 28,
