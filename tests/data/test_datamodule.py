@@ -13,7 +13,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from tiny_inputs import write_parquet
 
 from litovis.data.curate import CurationConfig
 from litovis.data.datamodule import BatchingConfig, OvisDataModule, ProcessingConfig
@@ -22,6 +21,7 @@ from litovis.data.prepare import PrepareConfig, _write_parquet, is_prepared, loa
 from litovis.data.sample import Sample
 from litovis.data.sources import SourceSpec
 from litovis.training.config import ModelSource
+from tests.data.tiny_inputs import write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 

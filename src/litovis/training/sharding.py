@@ -242,9 +242,9 @@ def materialize_sharded(model: nn.Module, ovis: nn.Module, device: torch.device,
     if checkpoint is not None:
         load_sharded_checkpoint(ovis, checkpoint, dtype)
     else:
-        torch.manual_seed(seed)
         std = init_std if init_std is not None else ovis.config.llm.extra.get("initializer_range", 0.02)
-        init_random_sharded(ovis, std, dtype)
+        with seeded(seed):  # the run's own RNG stream (dropout) stays `seed_everything`'s
+            init_random_sharded(ovis, std, dtype)
     init_lora_sharded(ovis, lora_seed)
 
 
