@@ -231,3 +231,22 @@ def test_export_and_evaluate_commands(tmp_path: Path, trained: tuple[Path, Path]
     for task in ("math_reasoning", "vqa", "text_qa"):
         entry = scores["tasks"][task]
         assert entry["metrics"][entry["primary"]] == 1.0, task
+
+
+def test_the_command_docs_name_every_command_and_every_tool_argument() -> None:
+    import inspect
+
+    import litovis.cli
+    from litovis.evaluation.evaluate import evaluate
+    from litovis.inference.export import export
+
+    for doc in (litovis.cli.__doc__, litovis.cli.main.__doc__):
+        for command in ("fit", "validate", "test", "predict", *litovis.cli.TOOL_COMMANDS):
+            assert command in doc, command
+        for tool in (export, evaluate):
+            for name in inspect.signature(tool).parameters:
+                assert f"--{name}" in doc, f"--{name} of {tool.__name__}"
+    # the only argument the module doc names for export are export's own
+    usage = litovis.cli.__doc__.split("litovis export", 1)[1].split("\n\n", 1)[0]
+    assert {word.strip("[").split("=")[0] for word in usage.split() if word.lstrip("[").startswith("--")} == {
+        f"--{name}" for name in inspect.signature(export).parameters}
