@@ -168,7 +168,7 @@ def format_task_table(task_counts: dict[str, dict[str, int]]) -> str:
         rows.append((task, *(str(task_counts[task].get(c, 0)) for c in COUNT_COLUMNS)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         for r in rows
     )
 

@@ -63,7 +63,7 @@ def load_predictions(path: str | Path) -> list[dict[str, str]]:
             if {id_column, answer_column} <= set(frame.columns):
                 return [
                     {"id": i, "answer": a}
-                    for i, a in zip(frame[id_column], frame[answer_column])
+                    for i, a in zip(frame[id_column], frame[answer_column], strict=True)
                 ]
         raise ValueError(
             f"{path}: a predictions CSV needs columns id,output or ID,answer; "
@@ -136,7 +136,7 @@ def _score_task(
     clipscorer: CLIPScorer | None,
     images_dir: str | Path | None,
 ) -> dict[str, Any]:
-    answered = [(s, a) for s, a in zip(samples, answers) if a is not None]
+    answered = [(s, a) for s, a in zip(samples, answers, strict=True) if a is not None]
     scale = len(answered) / len(samples)
     predictions = [a for _, a in answered]
     targets = [s.target or "" for s, _ in answered]
