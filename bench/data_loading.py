@@ -103,7 +103,7 @@ def run_loader(dataset: SampleDataset, lengths: list[int], targets: list[int], w
     gc.collect()  # the workers have exited and been joined: their CPU time is in RUSAGE_CHILDREN
     main_cpu, worker_cpu = (
         after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        for before, after in zip(cpu_before, (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+        for before, after in zip(cpu_before, (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), strict=True)
     )
     return {"workers": workers, "batches": batches, "samples": samples, "seconds": seconds,
             "first_batch_s": first, "samples_per_s": samples / seconds, "patches_per_s": patches / seconds,

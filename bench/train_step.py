@@ -401,7 +401,7 @@ class Bench:
         self.log(f"{workload} | {setting}: {len(warmup)} warm-up + {len(timed)} timed steps")
         try:
             seconds, peak, loss, graphs = time_steps(step, warmup, timed, self.device)
-            tokens, samples, flops = (sum(values) for values in zip(*(counts(s) for s in timed)))
+            tokens, samples, flops = (sum(values) for values in zip(*(counts(s) for s in timed), strict=True))
             n, total, micro = len(timed), sum(seconds), sum(len(s) for s in timed)
             row.step_seconds, row.graphs_compiled_while_timed = seconds, graphs
             row.tokens_per_step, row.samples_per_step, row.micro_batches_per_step = tokens / n, samples / n, micro / n

@@ -13,11 +13,14 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 import yaml
 
 from litovis.cli import LitovisCLI
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("in_repo")  # the sample's paths are relative to the repository
 
 
 class SimulatedCrash(RuntimeError):
@@ -35,17 +38,6 @@ class StepRecorder(L.Callback):
         self.losses[trainer.global_step - 1] = float(outputs["loss"])
         if trainer.global_step == self.crash_at:
             raise SimulatedCrash(f"crash after step {self.crash_at}")
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The sample's prepare settings, writing into a temporary directory."""
-    root = tmp_path_factory.mktemp("prepared")
-    prepare = yaml.safe_load((REPO / "configs/prepare/sample.yaml").read_text())
-    prepare["output_dir"] = str(root / "sample")
-    prepare["image_dir"] = str(root / "images")
-    prepare["fetch"]["progress"] = False
-    return prepare
 
 
 def demo_config(tmp_path: Path, prepare: dict, save_every: int | None = None, **changes: Any) -> Path:
@@ -78,7 +70,11 @@ def demo_config(tmp_path: Path, prepare: dict, save_every: int | None = None, **
 
 
 def fit(config: Path, recorder: StepRecorder, ckpt_path: str | None = None) -> LitovisCLI:
+    """Train with `config` in this process (a `SimulatedCrash` ends the run quietly)."""
+    torch.manual_seed(12345)  # whatever ran before: the run must seed torch from its config
     cli = LitovisCLI(args=["--config", str(config)], run=False)
+    seed = yaml.safe_load(config.read_text())["seed_everything"]
+    assert cli.config["seed_everything"] == seed and torch.initial_seed() == seed, "the config's seed was not applied"
     cli.trainer.callbacks.append(recorder)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
@@ -87,47 +83,7 @@ def fit(config: Path, recorder: StepRecorder, ckpt_path: str | None = None) -> L
     return cli
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)  # the sample's paths are relative to the repository
-
-
-class ParseOnly(LitovisCLI):
-    """Parses and validates a config without building anything (a 9B config on a CPU)."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
-def test_every_shipped_config_parses_as_its_command_uses_it() -> None:
-    """Each config's first line is the command that uses it; parse exactly those --config files."""
-    configs = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "prompts.yaml")
-    assert len(configs) >= 8
-    for path in configs:
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# litovis "), f"{path} must start with the command that uses it"
-        words = first.split()
-        command = words[2]
-        files = [REPO / words[i + 1] for i, word in enumerate(words) if word == "--config"]
-        assert path in files, f"{path}: its command does not use it"
-        if command in ("fit", "validate", "test", "predict"):
-            args = [arg for f in files for arg in ("--config", str(f))]
-            cli = ParseOnly(args=args, run=False)
-            source = cli.config["model"]["source"]
-            assert (source["checkpoint"] is None) != (source["preset"] is None), path
-            assert cli.config["trainer"]["use_distributed_sampler"] is False, path
-        else:
-            assert command == "prepare", path
-            from jsonargparse import ArgumentParser
-
-            from litovis.data.prepare import PrepareConfig
-
-            parser = ArgumentParser()
-            parser.add_argument("--prepare", type=PrepareConfig)
-            parser.instantiate(parser.parse_args(["--prepare", str(path)]))
-
-
-def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, prepared: dict) -> None:
+def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, sample_prepare: dict) -> None:
     changes = {
         "trainer.max_steps": 28,
         "trainer.val_check_interval": 14,
@@ -138,7 +94,7 @@ def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, prepare
         "callbacks.LossSchedule.dft_from_step": 20,
     }
     straight = StepRecorder()
-    config = demo_config(tmp_path / "straight", prepared, save_every=5, **changes)
+    config = demo_config(tmp_path / "straight", sample_prepare, save_every=5, **changes)
     cli = fit(config, straight)
     steps = cli.datamodule.optimizer_steps_per_epoch(1)
     assert 10 < steps < 28, "the crash must fall mid-epoch and the run must cross an epoch"
@@ -147,9 +103,14 @@ def test_demo_trains_switches_to_dft_and_resumes_exactly(tmp_path: Path, prepare
 
     crashed = StepRecorder(crash_at=13)
     resumed_dir = tmp_path / "resumed"
-    config = demo_config(resumed_dir, prepared, save_every=5, **changes)
+    config = demo_config(resumed_dir, sample_prepare, save_every=5, **changes)
     fit(config, crashed)
     assert max(crashed.losses) == 12
+    # the seed decides the run: a second run with it repeats the first, another seed does not
+    assert crashed.losses == {step: straight.losses[step] for step in range(13)}
+    other_seed = StepRecorder(crash_at=1)
+    fit(demo_config(tmp_path / "other_seed", sample_prepare, **{**changes, "seed_everything": 7}), other_seed)
+    assert other_seed.losses[0] != straight.losses[0]
     assert (resumed_dir / "checkpoints" / "last.ckpt").exists()
     resumed = StepRecorder()
     fit(config, resumed, ckpt_path="last")
@@ -167,10 +128,10 @@ class PredictCrash(L.Callback):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, prepared: dict) -> tuple[Path, Path]:
+def trained(tmp_path_factory: pytest.TempPathFactory, sample_prepare: dict) -> tuple[Path, Path]:
     """A briefly trained demo run: its config and its last checkpoint."""
     root = tmp_path_factory.mktemp("trained")
-    config = demo_config(root, prepared, **{"trainer.max_steps": 4, "trainer.val_check_interval": 4})
+    config = demo_config(root, sample_prepare, **{"trainer.max_steps": 4, "trainer.val_check_interval": 4})
     fit(config, StepRecorder())
     return config, root / "checkpoints" / "last.ckpt"
 
@@ -216,15 +177,29 @@ def test_predict_writes_each_test_row_once_even_after_a_crash(tmp_path: Path, tr
     assert all(r["prompt"].startswith("<|im_start|>user") for r in records)
 
 
-def test_validation_predictions_are_scored_per_task(tmp_path: Path, trained: tuple[Path, Path], prepared: dict) -> None:
+def test_validation_predictions_are_scored_per_task(tmp_path: Path, trained: tuple[Path, Path], sample_prepare: dict) -> None:
     from litovis.evaluation.evaluate import evaluate
 
     config, ckpt = trained
     predict(config, ckpt, tmp_path, split="val")
-    result = evaluate(tmp_path / "predictions.jsonl", Path(prepared["output_dir"]) / "val.parquet", tmp_path / "scores.json")
+    result = evaluate(tmp_path / "predictions.jsonl", Path(sample_prepare["output_dir"]) / "val.parquet", tmp_path / "scores.json")
     assert (tmp_path / "scores.json").exists()
     assert {"captioning", "math_reasoning", "vqa"} <= set(result["tasks"])
     assert result["counts"]["missing_predictions"] == 0
+
+
+def test_test_command_logs_the_loss_of_a_checkpoint(tmp_path: Path, trained: tuple[Path, Path]) -> None:
+    config, ckpt = trained
+    metrics = {}
+    for command in ("test", "validate"):
+        cli = LitovisCLI(args=[command, "--config", str(config), "--ckpt_path", str(ckpt),
+                               "--trainer.logger.init_args.save_dir", str(tmp_path / command)])
+        metrics.update(cli.trainer.callback_metrics)
+    assert 0 < float(metrics["test/loss"]) < 100
+    assert {"test/ce_vqa", "test/token_acc"} <= set(metrics)
+    # the same data and the same evaluation code: `test` reports what `validate` reports
+    for name in ("loss", "token_acc", "ce_vqa"):
+        assert float(metrics[f"test/{name}"]) == pytest.approx(float(metrics[f"val/{name}"])), name
 
 
 def test_prepare_command_takes_a_config_and_field_overrides(tmp_path: Path) -> None:
@@ -237,13 +212,13 @@ def test_prepare_command_takes_a_config_and_field_overrides(tmp_path: Path) -> N
     assert report
 
 
-def test_export_and_evaluate_commands(tmp_path: Path, trained: tuple[Path, Path], prepared: dict) -> None:
+def test_export_and_evaluate_commands(tmp_path: Path, trained: tuple[Path, Path], sample_prepare: dict) -> None:
     from litovis.cli import main
 
     _, ckpt = trained
     main(["export", "--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "adapter"), "--dtype", "float32"])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    references = Path(prepared["output_dir"]) / "val.parquet"
+    references = Path(sample_prepare["output_dir"]) / "val.parquet"
     import pandas as pd
 
     rows = pd.read_parquet(references)
@@ -256,3 +231,22 @@ def test_export_and_evaluate_commands(tmp_path: Path, trained: tuple[Path, Path]
     for task in ("math_reasoning", "vqa", "text_qa"):
         entry = scores["tasks"][task]
         assert entry["metrics"][entry["primary"]] == 1.0, task
+
+
+def test_the_command_docs_name_every_command_and_every_tool_argument() -> None:
+    import inspect
+
+    import litovis.cli
+    from litovis.evaluation.evaluate import evaluate
+    from litovis.inference.export import export
+
+    for doc in (litovis.cli.__doc__, litovis.cli.main.__doc__):
+        for command in ("fit", "validate", "test", "predict", *litovis.cli.TOOL_COMMANDS):
+            assert command in doc, command
+        for tool in (export, evaluate):
+            for name in inspect.signature(tool).parameters:
+                assert f"--{name}" in doc, f"--{name} of {tool.__name__}"
+    # the only argument the module doc names for export are export's own
+    usage = litovis.cli.__doc__.split("litovis export", 1)[1].split("\n\n", 1)[0]
+    assert {word.strip("[").split("=")[0] for word in usage.split() if word.lstrip("[").startswith("--")} == {
+        f"--{name}" for name in inspect.signature(export).parameters}

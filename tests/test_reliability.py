@@ -30,7 +30,7 @@ import yaml
 from litovis.cli import LitovisCLI
 from litovis.data.prepare import load_prepared
 from litovis.training.checkpoint_io import CorruptCheckpointError
-from tests.test_cli import REPO, demo_config, prepared  # noqa: F401 - `prepared` is a fixture
+from tests.test_cli import REPO, demo_config
 
 CHANGES = {  # 24 optimizer steps of 2 micro-batches; an epoch is shorter, so the runs cross one
     "trainer.max_steps": 24,
@@ -41,10 +41,7 @@ CHANGES = {  # 24 optimizer steps of 2 micro-batches; an epoch is shorter, so th
 }
 SAVE_EVERY = 4
 
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)  # the sample's paths are relative to the repository
+pytestmark = pytest.mark.usefixtures("in_repo")  # the sample's paths are relative to the repository
 
 
 def run_config(directory: Path, prepare: dict, *, name: str = "config.yaml", plugin: dict | None = None,
@@ -112,10 +109,10 @@ def losses_by_micro_batch(all_records: list[dict]) -> dict[tuple[int, int], set[
 
 
 @pytest.fixture(scope="module")
-def reference(prepared: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+def reference(sample_prepare: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An uninterrupted subprocess run: its per-micro-batch losses and final trainable weights."""
     directory = tmp_path_factory.mktemp("reference")
-    process = launch(run_config(directory, prepared, **{"data.num_workers": 1}), log_name="fit.log")
+    process = launch(run_config(directory, sample_prepare, **{"data.num_workers": 1}), log_name="fit.log")
     assert finish(process) == 0, (directory / "fit.log").read_text()[-3000:]
     step, weights = trainable_state(directory / "checkpoints" / "last.ckpt")
     assert step == CHANGES["trainer.max_steps"]
@@ -139,18 +136,18 @@ def assert_same_run(directory: Path, reference: dict, context: str) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_checkpoint_write_resumes_exactly(
-    tmp_path: Path, prepared: dict, reference: dict,  # noqa: F811
+    tmp_path: Path, sample_prepare: dict, reference: dict,
 ) -> None:
     seed = int(os.environ.get("LITOVIS_CRASH_SEED", random.randrange(10**6)))
     rng = random.Random(seed)
     context = f"LITOVIS_CRASH_SEED={seed}"
     directory = tmp_path / "crashing"
     dying = run_config(
-        directory, prepared, name="dying.yaml",
+        directory, sample_prepare, name="dying.yaml",
         plugin={"class_path": "tests.reliability_probes.KillDuringCheckpointWrite", "init_args": {"kill_on_save": 2}},
         **{"data.num_workers": 0},
     )
-    plain = run_config(directory, prepared, **{"data.num_workers": 0})
+    plain = run_config(directory, sample_prepare, **{"data.num_workers": 0})
 
     # 1. A fresh run, SIGKILLed at a random moment between steps 3 and 9.
     first = launch(plain, log_name="run1.log")
@@ -180,10 +177,10 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_write_resumes_exactly(
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_exits_143_and_resumes_exactly(
-    tmp_path: Path, prepared: dict, reference: dict,  # noqa: F811
+    tmp_path: Path, sample_prepare: dict, reference: dict,
 ) -> None:
     directory = tmp_path / "terminated"
-    config = run_config(directory, prepared, **{"data.num_workers": 1})  # a worker gets the signal too
+    config = run_config(directory, sample_prepare, **{"data.num_workers": 1})  # a worker gets the signal too
     process = launch(config, log_name="run1.log")
     wait_for_step(process, directory, 9)
     os.killpg(process.pid, signal.SIGTERM)  # like Ctrl+C in a terminal or SLURM: every process
@@ -204,10 +201,10 @@ def _cli(config: Path, *args: str) -> LitovisCLI:
 
 
 @pytest.fixture(scope="module")
-def short_run(prepared: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def short_run(sample_prepare: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4; returns its checkpoint directory."""
     directory = tmp_path_factory.mktemp("short")
-    config = demo_config(directory, prepared, save_every=2, **{"trainer.max_steps": 4, "data.num_workers": 0})
+    config = demo_config(directory, sample_prepare, save_every=2, **{"trainer.max_steps": 4, "data.num_workers": 0})
     _cli(config)
     return directory / "checkpoints"
 
@@ -218,7 +215,7 @@ def test_a_litovis_checkpoint_is_plain_data(short_run: Path) -> None:
     assert {"state_dict", "optimizer_states", "loops", "callbacks", "litovis", "rng", "pissa_initial"} <= checkpoint.keys()
 
 
-def test_damaged_last_checkpoint_names_the_newest_readable_one(short_run: Path, tmp_path: Path, prepared: dict) -> None:  # noqa: F811
+def test_damaged_last_checkpoint_names_the_newest_readable_one(short_run: Path, tmp_path: Path, sample_prepare: dict) -> None:
     directory = tmp_path / "damaged"
     (directory / "checkpoints").mkdir(parents=True)
     for age, name in enumerate(("last.ckpt", "step00004.ckpt", "step00002.ckpt")):
@@ -227,7 +224,7 @@ def test_damaged_last_checkpoint_names_the_newest_readable_one(short_run: Path, 
         os.utime(copy, (time.time() - 60 * age, time.time() - 60 * age))
     last = directory / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:-4096])  # a truncated copy, e.g. from a full disk
-    config = demo_config(directory, prepared, **{"trainer.max_steps": 6, "data.num_workers": 0})
+    config = demo_config(directory, sample_prepare, **{"trainer.max_steps": 6, "data.num_workers": 0})
     with pytest.raises(CorruptCheckpointError) as info:
         _cli(config, "--ckpt_path", "last")
     message = str(info.value)
@@ -244,9 +241,9 @@ class _RunsCode:
 
 
 def test_the_cli_never_unpickles_code_even_without_the_plugin(
-    short_run: Path, tmp_path: Path, prepared: dict, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    short_run: Path, tmp_path: Path, sample_prepare: dict, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = demo_config(tmp_path / "evil", prepared, **{"trainer.max_steps": 6, "data.num_workers": 0})
+    config = demo_config(tmp_path / "evil", sample_prepare, **{"trainer.max_steps": 6, "data.num_workers": 0})
     with pytest.raises(ValueError, match="--weights_only false is refused"):
         _cli(config, "--weights_only", "false")
 
@@ -275,25 +272,25 @@ class SeenSamples(L.Callback):
 
 
 def test_images_broken_after_preparation_are_skipped_and_training_goes_on(
-    short_run: Path, tmp_path: Path, prepared: dict, caplog: pytest.LogCaptureFixture,  # noqa: F811
+    short_run: Path, tmp_path: Path, sample_prepare: dict, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A private copy of the prepared data (the module's is shared): fetched images copied too.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    source_dir = Path(prepared["output_dir"])
+    source_dir = Path(sample_prepare["output_dir"])
     images = tmp_path / "images"
     images.mkdir()
     train = load_prepared(source_dir / "train.parquet")
     for sample in train:
         for i, image in enumerate(sample.images):
-            if image.startswith(prepared["image_dir"]):  # fetched copies only: never the bundled files
+            if image.startswith(sample_prepare["image_dir"]):  # fetched copies only: never the bundled files
                 copy = images / Path(image).name
                 copy.write_bytes(Path(image).read_bytes())
                 sample.images[i] = str(copy)
     (tmp_path / "prepared").mkdir()
     pq.write_table(pa.Table.from_pylist([s.to_record() for s in train]), tmp_path / "prepared" / "train.parquet")
-    config = demo_config(tmp_path / "run", prepared, **{
+    config = demo_config(tmp_path / "run", sample_prepare, **{
         "data.prepare": None, "data.prepared_dir": str(tmp_path / "prepared"), "data.num_workers": 0,
         "trainer.max_steps": -1, "trainer.max_epochs": 1, "trainer.limit_val_batches": 0,
     })
@@ -363,9 +360,9 @@ class TrainableSnapshots(L.Callback):
 
 
 def test_a_nan_batch_in_the_demo_changes_nothing_and_training_goes_on(
-    tmp_path: Path, prepared: dict, caplog: pytest.LogCaptureFixture,  # noqa: F811
+    tmp_path: Path, sample_prepare: dict, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = demo_config(tmp_path, prepared, save_every=100, **{"trainer.max_steps": 5, "data.num_workers": 0})
+    config = demo_config(tmp_path, sample_prepare, save_every=100, **{"trainer.max_steps": 5, "data.num_workers": 0})
     poison, snapshots = PoisonHiddenStates(step=2), TrainableSnapshots()
     cli = LitovisCLI(args=["--config", str(config)], run=False)
     cli.trainer.callbacks[:0] = [poison, snapshots]

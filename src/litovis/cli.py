@@ -1,9 +1,16 @@
-"""The `litovis` command.
+"""The `litovis` command: Lightning's four subcommands (LightningCLI) and three tools (jsonargparse).
 
-    litovis fit|validate|test|predict --config configs/demo.yaml [--ckpt_path last]   (LightningCLI)
-    litovis prepare --config configs/prepare/challenge.yaml                          (raw → prepared)
-    litovis evaluate --predictions ... --references ...                               (scores)
-    litovis export --config configs/... --ckpt_path ... --output_dir ...              (PEFT / merged)
+    litovis fit|validate|test|predict --config X.yaml [--config overlay.yaml ...] [--ckpt_path last|PATH]
+        [--seed_everything N] [--trainer.* / --model.* / --data.* overrides] [--print_config]
+    litovis prepare --config configs/prepare/X.yaml [--<PrepareConfig field> VALUE ...]
+        raw data -> prepared train/val/test parquet + report.json
+    litovis evaluate --predictions FILE --references FILE [--output scores.json] [--tasks '[T1, T2]']
+        [--bertscore_model DIR] [--clip_model DIR] [--images_dir DIR] [--bertscore_layer N]
+    litovis export --checkpoint CKPT --output_dir DIR [--format adapter|merged]
+        [--base DIR|REPO_ID] [--dtype bfloat16|float16|float32]
+
+`evaluate` and `export` also read their arguments from `--config X.yaml` and show them with
+`--print_config`.
 
 Notable: checkpoints carry no hyper-parameters (`load_from_checkpoint_support=False`), so
 `--ckpt_path` restores weights and loop state and never overrides the YAML you pass; the model
@@ -73,11 +80,21 @@ def prepare_main(args: list[str]) -> object:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOL_COMMANDS:
-        tool_main(argv[0], argv[1:])
+    """Run `litovis <command> ...` (`argv`: the words after `litovis`; None = the command line).
+
+    Commands:
+        fit, validate, test, predict: LightningCLI (`--config` YAML files, later ones overriding
+            earlier ones; `--ckpt_path`; `--seed_everything`; `--trainer.*`, `--model.*`, `--data.*`).
+        prepare: `--config configs/prepare/X.yaml`, then `--<field> VALUE` overriding its fields.
+        evaluate: `--predictions`, `--references`, `--output`, `--tasks`, `--bertscore_model`,
+            `--clip_model`, `--images_dir`, `--bertscore_layer`.
+        export: `--checkpoint`, `--output_dir`, `--format` (adapter | merged), `--base`, `--dtype`.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOL_COMMANDS:
+        tool_main(args[0], args[1:])
     else:
-        LitovisCLI(argv)
+        LitovisCLI(argv)  # None: LightningCLI reads the command line itself (passing it warns)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from tiny_inputs import image_bytes
+
+from tests.data.tiny_inputs import image_bytes
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin_memory
 
-from litovis.data.batching import EncodedSample, PackedBatch, collate_packed, collate_padded
+from litovis.data.batching import EncodedSample, PackedBatch, collate_packed
 from litovis.model.tokens import IGNORE_INDEX, IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
 
 TASKS = ["captioning", "vqa", "chat"]
@@ -114,15 +114,12 @@ def test_unloadable_samples_are_left_out_and_counted() -> None:
     batch = collate_packed([a, None, c], TASKS)
     assert batch.sample_ids == ["a", "c"] and batch.num_skipped == 1
     assert batch.cu_seqlens.tolist() == [0, a.input_ids.numel(), a.input_ids.numel() + c.input_ids.numel()]
-    padded = collate_padded([None, b], pad_id=0)
-    assert padded["sample_ids"] == ["b"] and padded["num_skipped"] == 1
-    for collate in (lambda items: collate_packed(items, TASKS), lambda items: collate_padded(items, 0)):
-        try:
-            collate([None, None])
-        except ValueError as err:
-            assert "could be loaded" in str(err)
-        else:
-            raise AssertionError("a batch with nothing loadable must be refused")
+    try:
+        collate_packed([None, None], TASKS)
+    except ValueError as err:
+        assert "could be loaded" in str(err)
+    else:
+        raise AssertionError("a batch with nothing loadable must be refused")
 
 
 @settings(max_examples=40, deadline=None)
@@ -136,32 +133,6 @@ def test_shifted_packed_row_never_crosses_samples(shapes: list[tuple[int, int]])
         assert int(shifted[boundary - 1]) == IGNORE_INDEX
     assert batch.num_targets == int((shifted != IGNORE_INDEX).sum())
     assert (batch.position_ids[0] == 0).sum() == len(items)
-
-
-def test_padded_right_and_left() -> None:
-    items = three_samples()
-    lengths = [it.input_ids.numel() for it in items]
-    width = max(lengths)
-    for side in ("right", "left"):
-        out = collate_padded(items, pad_id=0, side=side)
-        assert out["input_ids"].shape == out["labels"].shape == out["attention_mask"].shape == (3, width)
-        for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
-            real = slice(0, n) if side == "right" else slice(width - n, width)
-            pad = slice(n, width) if side == "right" else slice(0, width - n)
-            assert torch.equal(out["input_ids"][row, real], item.input_ids)
-            assert torch.equal(out["labels"][row, real], item.labels)
-            assert out["attention_mask"][row, real].eq(1).all()
-            assert out["attention_mask"][row, pad].eq(0).all()
-            assert out["input_ids"][row, pad].eq(0).all() and out["labels"][row, pad].eq(IGNORE_INDEX).all()
-        assert out["pixel_values"][:, 0].tolist() == [10.0] * 4 + [11.0] * 8 + [20.0] * 8
-        assert out["sample_ids"] == ["a", "b", "c"]
-        assert out["num_targets"] == 9
-    try:
-        collate_padded(items, pad_id=0, side="middle")
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("side must be validated")
 
 
 def test_packed_batch_moves_as_a_whole() -> None:

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_inputs import image_bytes, write_parquet
 
 from litovis.data.challenge import parse_text_qa, read_challenge
 from litovis.data.drops import DropReport
 from litovis.data.raw_records import RowError, SourceError
+from tests.data.tiny_inputs import image_bytes, write_parquet
 
 PNG = image_bytes("PNG")
 B64 = base64.b64encode(PNG).decode()
@@ -86,7 +86,7 @@ def test_blank_question_or_answer_in_text_qa_drops_only_that_pair(tmp_path):
 def test_bytes_input_column_and_image_structs(tmp_path):
     schema = pa.schema([("task", pa.string()), ("input_type", pa.string()), ("input", pa.binary()),
                         ("question", pa.string()), ("output", pa.string())])
-    rows = [_row("vqa", "image", PNG, "Q?", "A"), _row("summarization", "text", "Some bill".encode(), None, "S"),
+    rows = [_row("vqa", "image", PNG, "Q?", "A"), _row("summarization", "text", b"Some bill", None, "S"),
             _row("summarization", "text", b"\xff\xfe", None, "S")]
     report = DropReport()
     samples = read_challenge(write_parquet(rows, tmp_path / "b.parquet", schema), "train", report)

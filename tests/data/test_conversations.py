@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_inputs import image_bytes
 
 from litovis.data.conversations import (
     check_conversation,
@@ -16,6 +15,7 @@ from litovis.data.conversations import (
 )
 from litovis.data.drops import DropReport
 from litovis.data.raw_records import RowError
+from tests.data.tiny_inputs import image_bytes
 
 
 def _images(root):

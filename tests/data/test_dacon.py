@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tiny_inputs import image_bytes
 
 from litovis.data.dacon import read_dacon
 from litovis.data.drops import DropReport
 from litovis.data.raw_records import SourceError
+from tests.data.tiny_inputs import image_bytes
 
 
 def _dataset(tmp_path, missing=()):

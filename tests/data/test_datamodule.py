@@ -1,4 +1,5 @@
-"""`OvisDataModule` under several processes: the checks that keep sharding and accumulation right.
+"""`OvisDataModule`: the checks that keep sharding and accumulation right under several processes,
+when `prepare_data` prepares the data again, and that measured prompt lengths are the real ones.
 
 A real (not launched) Lightning `Trainer` with `strategy="ddp", devices=2` gives the data module
 the world size and rank it would see in each process.
@@ -6,15 +7,21 @@ the world size and rank it would see in each process.
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import pytest
 
-from litovis.data.datamodule import BatchingConfig, OvisDataModule
-from litovis.data.prepare import _write_parquet
+from litovis.data.curate import CurationConfig
+from litovis.data.datamodule import BatchingConfig, OvisDataModule, ProcessingConfig
+from litovis.data.fetch import FetchOptions
+from litovis.data.prepare import PrepareConfig, _write_parquet, is_prepared, load_prepared, run_prepare
 from litovis.data.sample import Sample
+from litovis.data.sources import SourceSpec
 from litovis.training.config import ModelSource
+from tests.data.tiny_inputs import write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,3 +104,67 @@ def test_each_validation_batch_counts_on_exactly_one_rank(prepared: Path) -> Non
                 counted.append(batch)
     assert flagged == 1
     assert sorted(i for batch in counted for i in batch) == list(range(5))
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_measured_prompt_lengths_are_the_lengths_of_the_prompts_generated(prepared: Path, enable_thinking: bool) -> None:
+    def predicting(thinking: bool) -> OvisDataModule:
+        module = OvisDataModule(
+            source=ModelSource(preset="tiny", tokenizer="tiny"), prepared_dir=str(prepared),
+            prompts=str(REPO / "configs/prompts.yaml"), processing=ProcessingConfig(enable_thinking=thinking),
+            num_workers=0, predict_split="val",
+        )
+        module.setup("predict")
+        return module
+
+    module = predicting(enable_thinking)
+    measured = module._splits["val:generation"]
+    produced = {item.id: len(item.input_ids) for batch in module.predict_dataloader() for item in batch}
+    assert produced == {s.id: n for s, n in zip(measured.samples, measured.lengths, strict=True)}
+    # the setting matters: without thinking the prompt carries the empty think block
+    other = predicting(not enable_thinking)._splits["val:generation"].lengths
+    assert all(a != b for a, b in zip(measured.lengths, other, strict=True))
+
+
+def text_only_prepare(tmp_path: Path) -> PrepareConfig:
+    """A prepare config of six text-only challenge rows (no images, nothing to fetch)."""
+    rows = [{"task": "summarization", "input_type": "text", "input": "bill " + "word " * 5 * i, "question": None,
+             "output": f"summary {i}"} for i in range(6)]
+    path = write_parquet(rows, tmp_path / "raw.parquet")
+    return PrepareConfig(
+        sources=[SourceSpec(format="challenge", path=str(path), split="train")],
+        output_dir=str(tmp_path / "prepared"), image_dir=str(tmp_path / "images"), prompts=None,
+        fetch=FetchOptions(workers=4, progress=False), curation=CurationConfig(val_fraction=0.0),
+    )
+
+
+def prepared_with(cfg: PrepareConfig) -> dict:
+    """The config that the prepared files beside `report.json` were written with."""
+    return json.loads((Path(cfg.output_dir) / "report.json").read_text())["config"]
+
+
+def test_data_made_by_litovis_prepare_is_not_prepared_again(tmp_path: Path) -> None:
+    cfg = text_only_prepare(tmp_path)
+    run_prepare(cfg)  # what `litovis prepare --config ...` does
+
+    OvisDataModule(prepare=cfg).prepare_data()
+    faster = replace(cfg, fetch=replace(cfg.fetch, workers=16, progress=True))  # same files, made faster
+    OvisDataModule(prepare=faster).prepare_data()
+    assert prepared_with(cfg)["fetch"]["workers"] == 4, "prepared again although nothing that shapes the files changed"
+
+    shorter = replace(cfg, curation=replace(cfg.curation, max_chars=30))
+    OvisDataModule(prepare=shorter).prepare_data()
+    assert prepared_with(cfg)["curation"]["max_chars"] == 30
+    assert len(load_prepared(tmp_path / "prepared" / "train.parquet")) < 6  # the longer rows are gone
+
+
+def test_an_interrupted_prepare_leaves_nothing_that_vouches_for_its_files(tmp_path: Path) -> None:
+    cfg = text_only_prepare(tmp_path)
+    run_prepare(cfg)
+    assert is_prepared(cfg)
+    shorter = replace(cfg, curation=replace(cfg.curation, max_chars=30))
+    (tmp_path / "prepared" / ".report.json.tmp").mkdir()  # the report cannot be written: the run fails last
+    with pytest.raises(OSError):
+        run_prepare(shorter)
+    assert len(load_prepared(tmp_path / "prepared" / "train.parquet")) < 6  # the files did change
+    assert not is_prepared(cfg) and not is_prepared(shorter)

@@ -8,7 +8,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from tiny_inputs import PROMPTS_YAML, image_bytes
 
 from litovis.data.batching import collate_packed
 from litovis.data.dataset import SampleDataset, measure_samples
@@ -16,12 +15,12 @@ from litovis.data.drops import DropReport
 from litovis.data.prompts import load_templates
 from litovis.data.sample import Sample
 from litovis.processing.processor import OvisProcessor
-from litovis.processing.tiny_tokenizer import build_tiny_tokenizer
+from tests.data.tiny_inputs import PROMPTS_YAML, image_bytes
 
 
 @pytest.fixture(scope="module")
-def processor() -> OvisProcessor:
-    return OvisProcessor(build_tiny_tokenizer(), min_pixels=32 * 32, max_pixels=128 * 128, max_length=4096)
+def processor(tiny_tokenizer) -> OvisProcessor:
+    return OvisProcessor(tiny_tokenizer, min_pixels=32 * 32, max_pixels=128 * 128, max_length=4096)
 
 
 def _png_header_only(width: int, height: int) -> bytes:

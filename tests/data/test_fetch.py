@@ -8,10 +8,10 @@ import io
 
 import pytest
 from PIL import Image
-from tiny_inputs import image_bytes
 
-from litovis.data.fetch import FetchOptions, ImageFetchError, fetch_images, image_key, save_as_jpeg, FetchError
+from litovis.data.fetch import FetchError, FetchOptions, ImageFetchError, fetch_images, image_key, save_as_jpeg
 from litovis.data.sample import Sample
+from tests.data.tiny_inputs import image_bytes
 
 FAST = FetchOptions(workers=4, timeout=2.0, retries=1, backoff=0.01, max_bytes=100_000, progress=False)
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tiny_inputs import PROMPTS_YAML, REPO, image_bytes, write_parquet
 
 from litovis.data.curate import CurationConfig
 from litovis.data.drops import DropReport
@@ -17,6 +16,7 @@ from litovis.data.fetch import FetchOptions, ImageFetchError
 from litovis.data.prepare import PrepareConfig, load_prepared, run_prepare
 from litovis.data.prompts import load_templates, render_messages
 from litovis.data.sources import SourceSpec
+from tests.data.tiny_inputs import PROMPTS_YAML, REPO, image_bytes, write_parquet
 
 CONFIGS = REPO / "configs" / "prepare"
 

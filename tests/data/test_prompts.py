@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tiny_inputs import PROMPTS_YAML
 
 from litovis.data.prompts import PromptError, check_template, load_templates, render_messages
 from litovis.data.sample import Sample
+from tests.data.tiny_inputs import PROMPTS_YAML
 
 CHALLENGE_FIELDS = {
     "captioning": {}, "vqa": {"question": "Q"}, "summarization": {"text": "T"},

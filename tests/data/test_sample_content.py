@@ -32,7 +32,7 @@ def test_caption_describes_the_drawn_scene(seed):
     x = scene.width * {"left": 1 / 6, "center": 1 / 2, "right": 5 / 6}[main.horizontal]
     y = scene.height * {"middle": 1 / 2, "bottom": 3 / 4}[main.vertical] + 2
     pixel = draw_scene(scene).getpixel((int(x), int(y)))
-    assert all(abs(a - b) <= 1 for a, b in zip(pixel, COLORS[main.color]))
+    assert all(abs(a - b) <= 1 for a, b in zip(pixel, COLORS[main.color], strict=True))
     assert (scene.word is not None) == ('The word "' in text)
 
 

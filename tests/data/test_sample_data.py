@@ -8,9 +8,9 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
-from tiny_inputs import SAMPLE_DIR
 
 from litovis.data.sample_data import generate
+from tests.data.tiny_inputs import SAMPLE_DIR
 
 TEXT_FILES = ["dacon/train.csv", "dacon/test.csv", "dacon/sample_submission.csv",
               "chat/messages.jsonl", "chat/query.jsonl", "chat/llava.json"]

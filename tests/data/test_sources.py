@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_inputs import SAMPLE_DIR, write_parquet
 
 from litovis.data.raw_records import SourceError
 from litovis.data.sources import SourceSpec, TestRowsError, read_source
+from tests.data.tiny_inputs import SAMPLE_DIR, write_parquet
 
 
 def test_spec_validation():
@@ -197,7 +197,7 @@ def test_fuzz_challenge_parquet_of_any_column_types_never_raises(tmp_path_factor
     import pyarrow.parquet as pq
 
     names = ["task", "input_type", "input", "question", "output"]
-    table = pa.table({name: _column(kind, [row[i] for row in rows]) for i, (name, kind) in enumerate(zip(names, kinds))})
+    table = pa.table({name: _column(kind, [row[i] for row in rows]) for i, (name, kind) in enumerate(zip(names, kinds, strict=True))})
     path = tmp_path_factory.mktemp("challenge") / "f.parquet"
     pq.write_table(table, path)
     result = _read_all("challenge", path, split)

@@ -82,7 +82,7 @@ def test_clipscore_matches_independent_computation(
     processor = AutoProcessor.from_pretrained(tiny_clip_dir)
     model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     expected = []
-    for caption, path in zip(captions, tiny_images):
+    for caption, path in zip(captions, tiny_images, strict=True):
         text = processor.tokenizer(caption, return_tensors="pt", truncation=True, max_length=24)
         image = Image.open(path).convert("RGB")
         pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]

@@ -39,7 +39,7 @@ def test_packed_sdpa_equals_per_sample_loop(causal: bool, lengths: list[int]) ->
     cu = torch.tensor([0, *lengths]).cumsum(0)
     layout = packed_layout(cu, max(lengths), total, causal=causal, backend="sdpa", device=CPU, dtype=q.dtype)
     out = attend(q, k, v, layout)[0]
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         expected = reference_attention(q[0, start:end], k[0, start:end], v[0, start:end], causal)
         torch.testing.assert_close(out[start:end], expected, rtol=1e-10, atol=1e-10)
 

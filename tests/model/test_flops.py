@@ -13,6 +13,7 @@ from litovis.model.flops import (
 )
 from litovis.model.presets import preset
 
+
 @pytest.mark.parametrize("name", ["9b", "2b"])
 def test_matmul_params_are_the_projection_weights(name: str) -> None:
     config = preset(name)

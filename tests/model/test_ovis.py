@@ -48,7 +48,7 @@ def test_packed_row_equals_each_sample_alone(reference_model: Ovis2_5, expected:
     with torch.no_grad():
         packed = reference_model(ids, pixels, grids, position_ids=positions, cu_seqlens=cu,
                                  max_seqlen=max(lengths)).logits[0]
-        for sample, start, end in zip(samples, cu[:-1].tolist(), cu[1:].tolist()):
+        for sample, start, end in zip(samples, cu[:-1].tolist(), cu[1:].tolist(), strict=True):
             alone = reference_model(sample["ids"][None], sample["pixels"], sample["grids"]).logits[0]
             torch.testing.assert_close(packed[start:end], alone, rtol=1e-5, atol=1e-5)
 
@@ -127,7 +127,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reference_model: Ovis2_
     loss_ckpt = model(**batch).loss
     recomputed = torch.autograd.grad(loss_ckpt, trainable)
     torch.testing.assert_close(loss_ckpt, loss)
-    for got, want in zip(recomputed, plain):
+    for got, want in zip(recomputed, plain, strict=True):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want)
 

@@ -70,7 +70,7 @@ def test_packed_row_equals_transformers_per_sample() -> None:
     cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     with torch.no_grad():
         packed = ours.logits(ours(input_ids=ids, cu_seqlens=cu, max_seqlen=max(lengths)))
-        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
             alone = hf(input_ids=ids[:, start:end]).logits
             torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-5, atol=1e-5)
 
@@ -143,7 +143,7 @@ def test_checkpointing_with_frozen_inputs_saves_memory_and_keeps_grads(num_layer
 
     assert saved_ckpt < saved_plain
     torch.testing.assert_close(loss_ckpt, loss)
-    for got, expected in zip(ckpt_grads, plain_grads):
+    for got, expected in zip(ckpt_grads, plain_grads, strict=True):
         assert got.abs().sum() > 0
         torch.testing.assert_close(got, expected)
 

@@ -13,7 +13,7 @@ from litovis.model.vision import block_order_grid
 
 def test_block_order_lists_each_2x2_block_consecutively() -> None:
     rows, cols = block_order_grid(4, 6, 2)
-    pairs = list(zip(rows.tolist(), cols.tolist()))
+    pairs = list(zip(rows.tolist(), cols.tolist(), strict=True))
     assert pairs[:8] == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
     assert pairs[12:16] == [(2, 0), (2, 1), (3, 0), (3, 1)]
     assert sorted(pairs) == [(r, c) for r in range(4) for c in range(6)]

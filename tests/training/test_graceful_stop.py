@@ -19,7 +19,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from litovis.cli import LitovisCLI
 from litovis.training.graceful_stop import GracefulStop
-from tests.test_cli import REPO, demo_config, prepared  # noqa: F401 - `prepared` is a fixture
+from tests.test_cli import demo_config
+
+pytestmark = pytest.mark.usefixtures("in_repo")  # the sample's paths are relative to the repository
 
 
 class MicroBatchLosses(L.Callback):
@@ -45,11 +47,6 @@ class SendSignals(L.Callback):
         self.seen += 1
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)  # the sample's paths are relative to the repository
-
-
 CHANGES = {
     "trainer.max_steps": 10,
     "trainer.accumulate_grad_batches": 2,
@@ -70,13 +67,13 @@ def _trainable(cli: LitovisCLI) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
 
 
-def test_sigterm_mid_accumulation_saves_at_the_step_boundary_and_resumes_exactly(tmp_path: Path, prepared: dict) -> None:  # noqa: F811
+def test_sigterm_mid_accumulation_saves_at_the_step_boundary_and_resumes_exactly(tmp_path: Path, sample_prepare: dict) -> None:
     straight = MicroBatchLosses()
-    reference = _fit(demo_config(tmp_path / "straight", prepared, save_every=100, **CHANGES), straight)
+    reference = _fit(demo_config(tmp_path / "straight", sample_prepare, save_every=100, **CHANGES), straight)
     assert len(straight.losses) == 20
 
     directory = tmp_path / "stopped"
-    config = demo_config(directory, prepared, save_every=100, **CHANGES)
+    config = demo_config(directory, sample_prepare, save_every=100, **CHANGES)
     before = signal.getsignal(signal.SIGTERM)
     stopped = MicroBatchLosses()
     # Micro-batch 6 is the first half of optimizer step 3: the stop must wait for the second half.
@@ -97,9 +94,9 @@ def test_sigterm_mid_accumulation_saves_at_the_step_boundary_and_resumes_exactly
     assert all(torch.equal(final[k], expected[k]) for k in final)
 
 
-def test_second_ctrl_c_aborts_without_saving(tmp_path: Path, prepared: dict) -> None:  # noqa: F811
+def test_second_ctrl_c_aborts_without_saving(tmp_path: Path, sample_prepare: dict) -> None:
     directory = tmp_path / "aborted"
-    config = demo_config(directory, prepared, save_every=100, **CHANGES)
+    config = demo_config(directory, sample_prepare, save_every=100, **CHANGES)
     with pytest.raises(SystemExit) as exit_info:
         _fit(config, MicroBatchLosses(), SendSignals(at=2, signals=[signal.SIGINT, signal.SIGINT]))
     assert exit_info.value.code == 1  # Lightning's exit status for an interrupted run

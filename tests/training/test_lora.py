@@ -81,7 +81,7 @@ def test_pissa_residual_is_rebuilt_bit_exactly_from_stored_state() -> None:
     initial = pissa_initialize(first, cfg)
     second = apply_lora(tiny_model(), cfg)
     restore_pissa_residual(second, initial)
-    for (name, a), (_, b) in zip(lora_layers(first).items(), lora_layers(second).items()):
+    for (name, a), (_, b) in zip(lora_layers(first).items(), lora_layers(second).items(), strict=True):
         assert torch.equal(a.get_base_layer().weight, b.get_base_layer().weight), name
 
 

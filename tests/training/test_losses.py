@@ -89,7 +89,7 @@ def test_gradients_match_autograd_fp32(kind, label_smoothing, chunk_size):
     got = grads(out.loss_sum / 7.0, hidden, weight)
     want = grads(reference_loss(hidden, weight, targets, kind, label_smoothing) / 7.0,
                  hidden, weight)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
@@ -102,7 +102,7 @@ def test_gradients_match_autograd_bf16(kind):
     torch.testing.assert_close(out.loss_sum, ref, rtol=1e-3, atol=1e-3)
     got = grads(out.loss_sum, hidden, weight)
     want = grads(ref, hidden, weight)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2)
 
@@ -178,7 +178,7 @@ def test_autocast_computes_in_autocast_dtype_and_returns_fp32():
     ref = reference_loss(hidden.bfloat16(), weight.bfloat16(), targets, "ce")
     torch.testing.assert_close(out.loss_sum, ref, rtol=1e-4, atol=1e-3)
     want = grads(reference_loss(hidden, weight, targets, "ce"), hidden, weight)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32  # gradients come back in the parameters' dtype
         torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2)
 

@@ -1,4 +1,4 @@
-"""OvisFineTuner without a fit loop: LR schedule, model set-up, checkpoint key checks,
+"""OvisFineTuner without a fit loop: model set-up, checkpoint key checks, task names,
 `training_loss`, `training_step`'s scaling and `build_optimizer`.
 
 Reference losses are computed from full logits (`Ovis2_5.forward`'s logits, float32
@@ -8,7 +8,6 @@ cross-entropy), independently of the chunked loss the module uses.
 from __future__ import annotations
 
 import itertools
-import math
 
 import lightning as L
 import pytest
@@ -19,25 +18,7 @@ from litovis.data.batching import EncodedSample, PackedBatch, collate_packed
 from litovis.model.tokens import IGNORE_INDEX
 from litovis.training.config import MemoryConfig, ModelSource, OptimizerConfig, Trainable
 from litovis.training.lora import LoRAConfig
-from litovis.training.module import OvisFineTuner, lr_factor
-
-
-def test_warmup_then_cosine_to_the_floor() -> None:
-    assert lr_factor(0, total=100, warmup=9) == pytest.approx(0.1)
-    assert lr_factor(8, total=100, warmup=9) == pytest.approx(0.9)
-    assert lr_factor(9, total=100, warmup=9) == pytest.approx(1.0)
-    midway = 9 + (100 - 9) / 2
-    assert lr_factor(int(midway), total=100, warmup=9) == pytest.approx(0.5 * (1 + math.cos(math.pi * (int(midway) - 9) / 91)))
-    assert lr_factor(100, total=100, warmup=9, floor=0.1) == pytest.approx(0.1)
-    assert lr_factor(500, total=100, warmup=9) == pytest.approx(0.0)
-
-
-def test_restart_rewarms_to_the_peak_and_decays_to_the_end() -> None:
-    before = lr_factor(2599, total=2900, warmup=273, restart=(2600, 30))
-    assert before < 0.05  # late in the SFT cosine
-    assert lr_factor(2600, total=2900, warmup=273, restart=(2600, 30)) == pytest.approx(1 / 31)
-    assert lr_factor(2630, total=2900, warmup=273, restart=(2600, 30)) == pytest.approx(1.0)
-    assert lr_factor(2900, total=2900, warmup=273, restart=(2600, 30)) == pytest.approx(0.0)
+from litovis.training.module import OvisFineTuner
 
 
 def tiny_module(**kwargs) -> OvisFineTuner:
@@ -245,3 +226,43 @@ def test_fused_adamw_with_bf16_autocast_clips_the_gradient_norm() -> None:
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
     before, after = seen
     assert before > 1e-4 and after == pytest.approx(1e-4, rel=1e-2)
+
+
+class TaskVocabulary(L.LightningDataModule):
+    """One optimizer step of packed batches whose task indices refer to `task_names`."""
+
+    def __init__(self, task_names: list[str]) -> None:
+        super().__init__()
+        self.task_names = task_names
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        batch = collate_packed([sample("a", "text_qa", 5, 7, None, 1), sample("b", "vqa", 6, 3, 64, 2)], self.task_names)
+        batch.step_num_targets = batch.num_targets
+        return torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+
+def fit_one_step(module: OvisFineTuner, data: L.LightningDataModule) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_task_names_come_from_the_data_module() -> None:
+    module = OvisFineTuner(ModelSource(preset="tiny", dtype="float32"), lora=LoRAConfig(rank=2, init="default"))
+    trainer = fit_one_step(module, TaskVocabulary(["vqa", "captioning", "text_qa"]))
+    assert module.task_names == ["vqa", "captioning", "text_qa"]
+    assert {"train/ce_vqa", "train/ce_text_qa"} <= set(trainer.callback_metrics)
+    assert "train/ce_captioning" not in trainer.callback_metrics  # no captioning sample in the step
+
+
+@pytest.mark.parametrize("given", [["text_qa", "vqa"], ["vqa"]], ids=["other-order", "fewer"])
+def test_task_names_that_contradict_the_data_module_are_refused(given: list[str]) -> None:
+    module = OvisFineTuner(ModelSource(preset="tiny", dtype="float32"), lora=LoRAConfig(rank=2, init="default"),
+                           task_names=given)
+    with pytest.raises(ValueError, match="task vocabulary"):
+        fit_one_step(module, TaskVocabulary(["vqa", "text_qa"]))
+    agreeing = OvisFineTuner(ModelSource(preset="tiny", dtype="float32"), lora=LoRAConfig(rank=2, init="default"),
+                             task_names=["vqa", "text_qa"])
+    fit_one_step(agreeing, TaskVocabulary(["vqa", "text_qa"]))
+    assert agreeing.task_names == ["vqa", "text_qa"]

@@ -11,6 +11,7 @@ import copy
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,18 @@ class Points(Dataset):
         return {"x": self.x[i], "y": self.y[i], "id": f"s{i}"}
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "x": torch.stack([it["x"] for it in items]),
-        "y": torch.stack([it["y"] for it in items]),
-        "sample_ids": [it["id"] for it in items],
-    }
+@dataclass
+class PointBatch:
+    """A batch of points; like litovis's `PackedBatch`, it names its samples in `sample_ids`."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    sample_ids: list[str]
+
+
+def collate(items: list[dict[str, Any]]) -> PointBatch:
+    return PointBatch(torch.stack([it["x"] for it in items]), torch.stack([it["y"] for it in items]),
+                      [it["id"] for it in items])
 
 
 class Regressor(L.LightningModule):
@@ -70,9 +77,9 @@ class Regressor(L.LightningModule):
     def _poison_grad(self, grad: torch.Tensor) -> torch.Tensor:
         return grad * float("inf") if self.trainer.global_step in self.grad_poison_steps else grad
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self._batch_ids = batch["sample_ids"]
-        loss = (self.head(torch.relu(self.hidden(batch["x"]))).squeeze(-1) - batch["y"]).pow(2).mean()
+    def training_step(self, batch: PointBatch, batch_idx: int) -> torch.Tensor:
+        self._batch_ids = batch.sample_ids
+        loss = (self.head(torch.relu(self.hidden(batch.x))).squeeze(-1) - batch.y).pow(2).mean()
         if (self.trainer.global_rank, self.trainer.global_step) in self.loss_poison:
             loss = loss + torch.tensor(float("nan"))  # no gradient path: only the loss is non-finite
         return loss

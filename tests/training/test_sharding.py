@@ -4,7 +4,8 @@ One spawned pair of processes checks, on the tiny reference checkpoint: the shar
 the meta device and filled from the safetensors files holds exactly `load_ovis`'s weights (every
 tensor reassembled with `full_tensor`), each rank holding only its rows; a randomly initialised
 sharded model equals `build_ovis` from the same seed; and PiSSA on the sharded model gives the
-factors, adapters and residual of a single process.
+factors, adapters and residual of a single process; `total_norm` of the shards is the norm of the
+whole tensors on every rank. `total_norm` of plain tensors is checked in this process.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _compare_with_one_process(rank: int) -> None:
     from litovis.model.presets import preset
     from litovis.training.distributed_pissa import pissa_initialize_on_ranks
     from litovis.training.lora import LoRAConfig, apply_lora, lora_layers, pissa_initialize
-    from litovis.training.sharding import checkpoint_key
+    from litovis.training.sharding import checkpoint_key, total_norm
 
     lora = LoRAConfig(rank=4, alpha=8.0, init="pissa_niter_2", seed=5)
     reference_dir = ASSETS / "ovis_tiny_reference"
@@ -84,6 +85,10 @@ def _compare_with_one_process(rank: int) -> None:
         split += param.to_local().shape[0] < param.shape[0]
         torch.testing.assert_close(param.full_tensor(), expected[checkpoint_key(name)], rtol=0, atol=0, msg=name)
     assert split > 0, "no parameter was actually split between the ranks"
+    sharded = [param for name, param in ovis.named_parameters() if ".lora_" not in name]
+    whole = torch.cat([param.full_tensor().flatten() for param in sharded])
+    # a per-shard norm would be off by a factor near sqrt(2); summation order differs by ~1e-6
+    torch.testing.assert_close(total_norm(sharded), torch.linalg.vector_norm(whole), rtol=1e-5, atol=0)
 
     # 2. random init: the same weights as an unsharded build from the same seed
     model, ovis = _sharded(None, lora)
@@ -113,3 +118,13 @@ def _compare_with_one_process(rank: int) -> None:
 def test_sharded_model_holds_the_weights_of_one_process() -> None:
     # A failing rank raises here, with its traceback, as `ProcessRaisedException`.
     mp.start_processes(_check, args=(2, _free_port()), nprocs=2, start_method="spawn")
+
+
+def test_total_norm_of_plain_tensors_is_the_norm_of_their_concatenation() -> None:
+    from litovis.training.sharding import total_norm
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
+    total = total_norm(tensors)
+    assert type(total) is torch.Tensor and total.ndim == 0
+    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors])))

@@ -1,13 +1,13 @@
-"""Collation: encoded samples -> one padding-free packed row (training) or a padded batch (evaluation).
+"""Collation: encoded training/validation samples -> one padding-free packed row.
 
 `collate_packed` concatenates micro-batch samples into a single row `[1, N]` with no padding at all,
 so every computed position is a real token; attention is kept inside each sample by `cu_seqlens`
 (and `position_ids` restarting at 0). Because every sample's first label is -100, the whole row can
-be shifted at once without a sample predicting its neighbour's first token. `collate_padded` builds
-the `[B, T]` + `attention_mask` form used for evaluation and generation.
+be shifted at once without a sample predicting its neighbour's first token. (Generation prompts
+are padded by the processor, `OvisProcessor.pad_for_generation`.)
 
-A dataset may return None for a sample that measured fine but failed to load (it reports it); both
-collators leave such items out and count them in `num_skipped`, and refuse a batch left empty.
+A dataset may return None for a sample that measured fine but failed to load (it reports it); the
+collator leaves such items out, counts them in `num_skipped`, and refuses a batch left empty.
 
 `PackedBatch` is a dataclass with `to()` and `pin_memory()`, so both the DataLoader's pin-memory
 thread and Lightning's `transfer_batch_to_device` (which calls `.to()` on any object that has one)
@@ -223,47 +223,3 @@ def collate_packed(items: Sequence[EncodedSample | None], task_vocab: Sequence[s
         num_targets=int((labels != IGNORE_INDEX).sum()),
         num_skipped=num_skipped,
     )
-
-
-def collate_padded(items: Sequence[EncodedSample | None], pad_id: int, side: str = "right") -> dict[str, Any]:
-    """Pad `items` to a `[B, T]` batch for evaluation or generation.
-
-    Args:
-        items: the samples; None (a sample the dataset failed to load) is left out.
-        pad_id: token id written into padding positions of `input_ids` (labels get -100).
-        side: `"right"` (evaluation) or `"left"` (generation: prompts end at the same column).
-
-    Returns:
-        dict with `input_ids`, `labels`, `attention_mask` (1 = real token) `[B, T]`,
-        `pixel_values` / `grid_thws` (row order, None without images), `sample_ids`, `tasks`,
-        `num_targets` (shifted label count), `num_skipped` (None items left out).
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    loaded = _loaded(items)
-    num_skipped, items = len(items) - len(loaded), loaded
-    for item in items:
-        _check_text(item)
-        _check_visuals(item)
-    width = max(item.input_ids.numel() for item in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        n = item.input_ids.numel()
-        span = slice(width - n, width) if side == "left" else slice(0, n)
-        input_ids[row, span] = item.input_ids
-        labels[row, span] = item.labels
-        attention_mask[row, span] = 1
-    pixel_values, grid_thws = _concat_visuals(items)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": pixel_values,
-        "grid_thws": grid_thws,
-        "sample_ids": [item.id for item in items],
-        "tasks": [item.task for item in items],
-        "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
-        "num_skipped": num_skipped,
-    }

@@ -92,7 +92,7 @@ def parse_text_qa(question: Any, output: Any) -> list[tuple[str, str]]:
         raise RowError(
             "question/answer count mismatch", f"{len(questions)} questions, {len(answers)} answers"
         )
-    return list(zip(questions, answers))
+    return list(zip(questions, answers, strict=True))
 
 
 def _image_input(value: Any) -> str | bytes:

@@ -64,7 +64,7 @@ def read_dacon(
         if isinstance(values, RowError):
             report.drop(stage, values.reason, source, values.detail)
             continue
-        row = dict(zip(columns, values))
+        row = dict(zip(columns, values, strict=True))
         try:
             image_id = required_text(row["image_id"], "image_id").strip()
             sample = Sample(

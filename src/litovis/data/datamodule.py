@@ -2,7 +2,8 @@
 
 Notable:
 - `prepare_data` runs `litovis prepare` itself when `prepare:` is configured and the prepared files
-  are missing or were made from another configuration (a fingerprint is stored beside them).
+  are missing or were made with other output-relevant settings (`litovis.data.prepare.is_prepared`
+  reads them from the `report.json` that `litovis prepare` writes beside its files).
 - The tokenizer and image geometry come from the model's `source` (linked by the CLI), so they
   cannot disagree with the model.
 - Every sample is measured exactly up front (text + image headers); over-long train/val samples
@@ -17,13 +18,11 @@ Notable:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -33,7 +32,7 @@ from litovis.data.batching import collate_packed
 from litovis.data.dataset import MeasuredSamples, SampleDataset, measure_samples
 from litovis.data.drops import DropReport
 from litovis.data.loader import ResumableDataLoader
-from litovis.data.prepare import PrepareConfig, load_prepared, run_prepare
+from litovis.data.prepare import PrepareConfig, is_prepared, load_prepared, run_prepare
 from litovis.data.prompts import load_templates
 from litovis.data.sampler import TokenBudgetBatchSampler
 from litovis.inference.prediction_store import StreamingPredictionWriter, completed_ids
@@ -43,9 +42,6 @@ from litovis.training.config import ModelSource
 from litovis.training.graceful_stop import shield_worker_from_stop_signals
 
 log = logging.getLogger(__name__)
-
-FINGERPRINT = "prepare_config.json"
-
 
 @dataclass
 class ProcessingConfig:
@@ -148,15 +144,10 @@ class OvisDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------- preparation
     def prepare_data(self) -> None:
-        if self.prepare is None:
-            return
-        fingerprint = json.dumps(asdict(self.prepare), sort_keys=True, default=str)
-        stamp = self.prepared_dir / FINGERPRINT
-        if stamp.exists() and stamp.read_text() == fingerprint:
+        if self.prepare is None or is_prepared(self.prepare):
             return
         log.info("preparing data into %s", self.prepared_dir)
         run_prepare(self.prepare)
-        stamp.write_text(fingerprint)
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
@@ -175,7 +166,8 @@ class OvisDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"{path} not found: run `litovis prepare` or set data.prepare")
             samples = load_prepared(path)
             self._splits[key] = measure_samples(
-                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{key}"
+                samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{key}",
+                enable_thinking=self.processing.enable_thinking,
             )
         self.templates = templates
         tasks = {s.task for key, split in self._splits.items() for s in split.samples}
@@ -316,9 +308,6 @@ class OvisDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_sampler=PlannedBatches(batches[rank::world]), collate_fn=list, num_workers=self.num_workers
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "task_names": list(self.task_names)}
 
 
 class PlannedBatches(Sampler[list[int]]):

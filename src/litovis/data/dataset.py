@@ -56,11 +56,14 @@ def measure_samples(
     report: DropReport,
     generation: bool = False,
     stage: str = "measure",
+    enable_thinking: bool = False,
 ) -> MeasuredSamples:
     """Exact length and targets of every sample; unusable or over-long ones are dropped and reported.
 
     With `generation=True` (prompts for prediction) nothing may be dropped: every failure is
-    collected and raised together as `TestSampleError`.
+    collected and raised together as `TestSampleError`. `enable_thinking` must be the
+    `SampleDataset`'s (it decides whether a generation prompt carries the empty think block), so
+    the lengths measured here are the lengths the dataset produces.
     """
     kept = MeasuredSamples([], [], [])
     failures: list[str] = []
@@ -73,7 +76,9 @@ def measure_samples(
                 read_image_size(image, name=f"{sample.source} image {i}", max_image_pixels=cap)
                 for i, image in enumerate(sample.images)
             ]
-            length, targets = processor.measure(messages, sizes, add_generation_prompt=generation)
+            length, targets = processor.measure(
+                messages, sizes, add_generation_prompt=generation, enable_thinking=enable_thinking
+            )
         except SAMPLE_ERRORS as err:
             reason, detail = type(err).__name__, str(err)
         else:

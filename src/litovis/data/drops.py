@@ -160,7 +160,7 @@ class DropReport:
                 rows.append(("", reason, "", "", str(n)))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [
-            "  ".join(_cell(c, w, left=i < 2) for i, (c, w) in enumerate(zip(r, widths)))
+            "  ".join(_cell(c, w, left=i < 2) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in rows
         ]
         if self.examples:

@@ -33,31 +33,13 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from litovis.data.batching import PackedBatch
 from litovis.data.sampler import TokenBudgetBatchSampler
-
-
-def _num_targets(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        return int(batch["num_targets"])
-    return int(batch.num_targets)
-
-
-def _num_skipped(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        return int(batch.get("num_skipped", 0))
-    return int(getattr(batch, "num_skipped", 0))
-
-
-def _set_step_num_targets(batch: Any, value: int) -> None:
-    if isinstance(batch, MutableMapping):
-        batch["step_num_targets"] = value
-    else:
-        batch.step_num_targets = value
 
 
 class _LightningEpochHook(Sampler[int]):
@@ -91,8 +73,8 @@ class ResumableDataLoader(DataLoader):
     Args:
         dataset: map-style dataset; item i is the sample of index i of the batch sampler.
         batch_sampler: the token-budget batch sampler (it owns seed, sharding and accumulation).
-        collate_fn: turns a list of items into a batch that has `num_targets` (attribute or key),
-            e.g. `functools.partial(collate_packed, task_vocab=...)`.
+        collate_fn: turns a list of items into a `PackedBatch`, i.e.
+            `functools.partial(collate_packed, task_vocab=...)`.
         **kwargs: other DataLoader arguments (`num_workers`, `pin_memory`, `persistent_workers`,
             ...); `in_order=False` is refused because resumption counts batches in sampler order.
     """
@@ -101,7 +83,7 @@ class ResumableDataLoader(DataLoader):
         self,
         dataset: Dataset,
         batch_sampler: TokenBudgetBatchSampler,
-        collate_fn: Callable[[list[Any]], Any],
+        collate_fn: Callable[[list[Any]], PackedBatch],
         **kwargs: Any,
     ) -> None:
         if not isinstance(batch_sampler, TokenBudgetBatchSampler):
@@ -198,7 +180,7 @@ class ResumableDataLoader(DataLoader):
         return super().__iter__()
 
 
-class _TrackedIterator(Iterator[Any]):
+class _TrackedIterator(Iterator[PackedBatch]):
     """Counts handed-out batches on the loader and attaches `step_num_targets`.
 
     Starts the underlying iteration at the first `next()`, after Lightning's `set_epoch`.
@@ -207,12 +189,12 @@ class _TrackedIterator(Iterator[Any]):
     def __init__(self, loader: ResumableDataLoader) -> None:
         self._loader = loader
         self._inner: Iterator[Any] | None = None
-        self._ahead: deque[Any] = deque()
+        self._ahead: deque[PackedBatch] = deque()
 
     def __iter__(self) -> _TrackedIterator:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> PackedBatch:
         loader = self._loader
         if loader._active is None or loader._active() is not self:
             raise RuntimeError(
@@ -228,18 +210,18 @@ class _TrackedIterator(Iterator[Any]):
             expected = plan.batch_num_targets[position]  # type: ignore[index]
             # A sample the dataset failed to load still counts in its step's planned total: that
             # step's loss is scaled down by the missing share, never up.
-            wrong = _num_targets(batch) > expected if _num_skipped(batch) else _num_targets(batch) != expected
+            wrong = batch.num_targets > expected if batch.num_skipped else batch.num_targets != expected
             if wrong:
                 raise ValueError(
-                    f"micro-batch {position} of epoch {loader._epoch} has {_num_targets(batch)} targets but "
+                    f"micro-batch {position} of epoch {loader._epoch} has {batch.num_targets} targets but "
                     f"the sampler's num_targets add up to {expected}; the dataset's counts are wrong"
                 )
             step_total = plan.step_num_targets[position]
         else:
             step_total = self._read_ahead(batch, position, len(loader))
-        _set_step_num_targets(batch, step_total)
+        batch.step_num_targets = step_total
         last_of_step = (position + 1) % sampler.accumulate == 0
-        loader._step_prefix = 0 if last_of_step else loader._step_prefix + _num_targets(batch)
+        loader._step_prefix = 0 if last_of_step else loader._step_prefix + batch.num_targets
         loader._yielded = position + 1
         if loader._yielded == len(loader):
             self._finish()
@@ -252,7 +234,7 @@ class _TrackedIterator(Iterator[Any]):
         if next(self._inner, None) is not None:
             raise RuntimeError("the DataLoader produced a batch beyond the sampler's plan")
 
-    def _read_ahead(self, batch: Any, position: int, num_batches: int) -> int:
+    def _read_ahead(self, batch: PackedBatch, position: int, num_batches: int) -> int:
         """Targets of `batch`'s optimizer step: those already handed out, this batch's, and those
         of the step's later batches, which are read ahead (and kept) here."""
         accumulate = self._loader.batch_sampler.accumulate
@@ -260,5 +242,5 @@ class _TrackedIterator(Iterator[Any]):
         assert self._inner is not None
         while len(self._ahead) < step_end - position - 1:
             self._ahead.append(next(self._inner))
-        ahead = sum(_num_targets(b) for b in self._ahead)
-        return self._loader._step_prefix + _num_targets(batch) + ahead
+        ahead = sum(b.num_targets for b in self._ahead)
+        return self._loader._step_prefix + batch.num_targets + ahead

@@ -5,7 +5,10 @@ images (test samples first, and a failing test image is an error, never a drop),
 every sample renders with the prompt templates, curate the `train` sources and split them
 90/10 per task by group, then write `train.parquet`, `val.parquet` and (with test sources)
 `test.parquet` in source order, each row `Sample.to_record`, plus `report.json` with the merged
-drop report, per-task counts and the config. Files are written to a temporary name and renamed.
+drop report, per-task counts, the files and the config. Files are written to a temporary name and
+renamed; `report.json` is removed before the first file changes and written after the last, so it
+vouches for the files beside it: `is_prepared` compares its config with the current one (settings
+that cannot change the files, such as `fetch.workers`, left out) to skip a needless rerun.
 Image paths in the parquet files are as the config gives them (relative paths are relative to
 the working directory `prepare` ran in).
 """
@@ -27,6 +30,9 @@ from litovis.data.sources import SourceSpec, TestRowsError, read_source
 
 SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
 COUNT_COLUMNS = ("read", "fetched", "rendered", "curated", "train", "val", "test")
+REPORT_FILE = "report.json"
+#: (section, field) of the settings that change how `run_prepare` runs, never what it writes.
+NOT_IN_OUTPUT = (("fetch", "workers"), ("fetch", "progress"))
 
 
 @dataclass
@@ -129,6 +135,32 @@ def load_prepared(path: str | Path) -> list[Sample]:
     return [Sample.from_record(record) for record in pq.read_table(path).to_pylist()]
 
 
+def _output_settings(config: dict) -> dict:
+    """A JSON-form `PrepareConfig` without the `NOT_IN_OUTPUT` settings."""
+    settings = json.loads(json.dumps(config))
+    for section, name in NOT_IN_OUTPUT:
+        settings.get(section, {}).pop(name, None)
+    return settings
+
+
+def is_prepared(cfg: PrepareConfig) -> bool:
+    """Whether `cfg.output_dir` holds what `run_prepare(cfg)` would write.
+
+    True when its `report.json` (written after every file) records the same settings as `cfg`,
+    apart from `NOT_IN_OUTPUT`, and every file it lists is there.
+    """
+    out_dir = Path(cfg.output_dir)
+    try:
+        report = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if not isinstance(report.get("config"), dict) or not isinstance(report.get("files"), dict):
+        return False
+    if _output_settings(report["config"]) != _output_settings(asdict(cfg)):
+        return False
+    return all((out_dir / name).is_file() for name in report["files"].values())
+
+
 def format_task_table(task_counts: dict[str, dict[str, int]]) -> str:
     """Per-task sample counts through the stages, as a plain-text table."""
     rows = [("task", *COUNT_COLUMNS)]
@@ -136,7 +168,7 @@ def format_task_table(task_counts: dict[str, dict[str, int]]) -> str:
         rows.append((task, *(str(task_counts[task].get(c, 0)) for c in COUNT_COLUMNS)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         for r in rows
     )
 
@@ -192,6 +224,8 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / REPORT_FILE
+    report_path.unlink(missing_ok=True)  # it would vouch for files that are about to change
     files = {}
     for split, samples in outputs.items():
         files[split] = out_dir / SPLIT_FILES[split]
@@ -205,11 +239,15 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
     merged = DropReport.combine(reports)
     merged.check()
     task_counts = {task: dict(c) for task, c in counts.items()}
-    report_path = out_dir / "report.json"
-    tmp = report_path.with_name(".report.json.tmp")
+    tmp = report_path.with_name(f".{REPORT_FILE}.tmp")
     tmp.write_text(
         json.dumps(
-            {"tasks": task_counts, "drops": merged.to_dict(), "config": asdict(cfg)},
+            {
+                "tasks": task_counts,
+                "drops": merged.to_dict(),
+                "files": {split: path.name for split, path in files.items()},
+                "config": asdict(cfg),
+            },
             indent=2,
             ensure_ascii=False,
         ),

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Union
 
 from litovis.data.sample import IMAGE_MARKER, ROLES, Sample
 
-Template = Union[str, list[dict[str, str]]]
+Template = str | list[dict[str, str]]
 TEMPLATE_FIELD = "template"
 
 

@@ -61,7 +61,7 @@ class Sample:
         }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "Sample":
+    def from_record(cls, record: dict[str, Any]) -> Sample:
         """Inverse of `to_record`."""
         images = record.get("images")
         return cls(

@@ -79,7 +79,7 @@ def load_predictions(path: str | Path) -> list[dict[str, str]]:
             if {id_column, answer_column} <= set(frame.columns):
                 return [
                     {"id": i, "answer": a}
-                    for i, a in zip(frame[id_column], frame[answer_column])
+                    for i, a in zip(frame[id_column], frame[answer_column], strict=True)
                 ]
         raise ValueError(
             f"{path}: a predictions CSV needs columns id,output or ID,answer; "

@@ -76,7 +76,7 @@ def math_exact_match(predictions: Sequence[str], references: Sequence[str]) -> f
     """Fraction of rows whose final `####` answers agree (see the module docstring)."""
     _check_pairs(predictions, references)
     hits = []
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         predicted = extract_final_answer(prediction)
         expected = extract_final_answer(reference)
         if expected is None:
@@ -104,7 +104,7 @@ def normalized_exact_match(predictions: Sequence[str], references: Sequence[str]
     """Fraction of rows equal after `normalize_answer`."""
     _check_pairs(predictions, references)
     return _mean(
-        [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references)]
+        [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references, strict=True)]
     )
 
 
@@ -124,7 +124,7 @@ def _row_token_f1(prediction: str, reference: str) -> float:
 def token_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean SQuAD-style token F1 over rows."""
     _check_pairs(predictions, references)
-    return _mean([_row_token_f1(p, r) for p, r in zip(predictions, references)])
+    return _mean([_row_token_f1(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 def _bleu(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -6,7 +6,7 @@ structure of the committed tiny reference checkpoint (tests/assets/ovis_tiny_ref
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from litovis.model.config import LLMConfig, OvisConfig, ViTConfig
 

@@ -27,13 +27,12 @@ import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageSource = Union[str, PathLike, bytes, bytearray, memoryview, Image.Image]
+ImageSource = str | PathLike | bytes | bytearray | memoryview | Image.Image
 
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000

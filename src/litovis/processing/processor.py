@@ -221,7 +221,7 @@ class OvisProcessor:
         out_labels: list[int] = []
         spans = iter(grids)
         total_atoms = 0
-        for token, label in zip(ids, labels):
+        for token, label in zip(ids, labels, strict=True):
             if token != IMAGE_TOKEN_ID:
                 out_ids.append(token)
                 out_labels.append(label)

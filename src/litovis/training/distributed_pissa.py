@@ -8,8 +8,9 @@ exactly those factors. Without the broadcast, DDP ranks could end up with differ
 from rank 0's stored factors, would silently differ from the run that was saved.
 
 Under FSDP the base weight is sharded: each matrix is all-gathered in turn (only one is ever whole)
-for rank 0's SVD, and each rank writes its own rows of the residual and of A/B. The residual of a
-row is computed exactly as `apply_pissa_residual` computes it, so sharding does not change a bit.
+for rank 0's SVD, and each rank writes its own rows of the residual and of A/B. The factors and
+the residual come from the same functions as one process's (`pissa_factors`,
+`subtract_pissa_product`), so neither the broadcast nor the sharding changes a bit.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from torch import Tensor, nn
 from litovis.training.lora import (
     LoRAConfig,
     check_pissa_state,
+    lora_adapter,
     lora_layers,
+    pissa_factors,
     pissa_initialize,
     pissa_niter,
     restore_pissa_residual,
     seeded,
+    subtract_pissa_product,
 )
 from litovis.training.sharding import local_rows, local_tensor, write_full
 
@@ -42,34 +46,13 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _adapter(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, float]:
-    (name,) = layer.active_adapters
-    return layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
-
-
-def _factors(weight: Tensor, rank: int, scale: float, niter: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """PiSSA's A0 `[r, in]` and B0 `[out, r]` of a whole matrix, rounded to `dtype` (as `pissa_initialize`)."""
-    w = weight.float()
-    if niter is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    else:
-        u, s, v = torch.svd_lowrank(w, q=rank, niter=niter)
-        vh = v.T
-    root = (s / scale).sqrt()
-    # contiguous: `vh` may be a transpose, and a broadcast sends raw storage
-    return (root[:, None] * vh).to(dtype).contiguous(), (u * root[None, :]).to(dtype).contiguous()
-
-
 @torch.no_grad()
 def _apply_residual_rows(layer: nn.Module, a0: Tensor, b0: Tensor) -> None:
-    """This rank's rows of the residual `W - s·B0·A0` (float32, as `apply_pissa_residual`)."""
-    _, _, scale = _adapter(layer)
+    """This rank's rows of the residual `W - s·B0·A0` (all of them when the weight is not sharded)."""
+    _, _, scale = lora_adapter(layer)
     weight = layer.get_base_layer().weight
-    local = local_tensor(weight)
     start, stop = local_rows(weight)
-    delta = b0.to(local.device, torch.float32) @ a0.to(local.device, torch.float32)
-    local.copy_((local.float() - scale * delta[start:stop]).to(local.dtype))
+    subtract_pissa_product(local_tensor(weight), a0, b0, scale, slice(start, stop))
 
 
 @torch.no_grad()
@@ -86,13 +69,13 @@ def pissa_initialize_on_ranks(model: nn.Module, cfg: LoRAConfig) -> dict[str, Te
     initial: dict[str, Tensor] = {}
     with seeded(cfg.seed):
         for name, layer in lora_layers(model).items():
-            lora_a, lora_b, scale = _adapter(layer)
+            lora_a, lora_b, scale = lora_adapter(layer)
             weight = layer.get_base_layer().weight
             device = local_tensor(weight).device
             whole = weight.full_tensor() if sharded else weight  # collective under FSDP
             r = lora_a.weight.shape[0]
             if rank == 0:
-                a0, b0 = _factors(whole, r, scale, niter, weight.dtype)
+                a0, b0 = pissa_factors(whole, r, scale, niter)
             else:
                 a0 = torch.empty(r, weight.shape[1], dtype=weight.dtype, device=device)
                 b0 = torch.empty(weight.shape[0], r, dtype=weight.dtype, device=device)

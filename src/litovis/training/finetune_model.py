@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from litovis.training.config import Finetune, MemoryConfig, ModelSource, Trainable
-from litovis.training.lora import LoRAConfig, apply_lora
+from litovis.training.lora import LoRAConfig, apply_lora, seeded
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -105,6 +105,7 @@ def build_base(source: ModelSource, sharded: bool) -> torch.nn.Module:
         return ovis
     if sharded:
         return build_ovis(preset(source.preset), dtype=dtype, device="meta")
-    torch.manual_seed(source.seed)
-    return build_ovis(preset(source.preset), dtype=dtype, device=torch.get_default_device(),
-                      init_std=source.init_std)
+    # `source.seed` decides the weights only: the run's own RNG stream (dropout) stays `seed_everything`'s
+    with seeded(source.seed):
+        return build_ovis(preset(source.preset), dtype=dtype, device=torch.get_default_device(),
+                          init_std=source.init_std)

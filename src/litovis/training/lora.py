@@ -122,18 +122,47 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-def _adapter(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, float]:
+def lora_adapter(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, float]:
+    """The active adapter of a PEFT LoRA layer: its A and B linears and its scale."""
     (name,) = layer.active_adapters
     return layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scale: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's A0 `[r, in]` and B0 `[out, r]` of a whole matrix: its top-r singular directions, split
+    so that `scale·B0·A0` is their sum, rounded to the weight's dtype (contiguous: ready to broadcast).
+
+    `niter` None is a full SVD; an int is a randomised SVD with that many subspace iterations (it
+    draws from the torch RNG: seed it).
+    """
+    w = weight.float()
+    if niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        u, s, v = torch.svd_lowrank(w, q=rank, niter=niter)
+        vh = v.T
+    root = (s / scale).sqrt()
+    return (root[:, None] * vh).to(weight.dtype).contiguous(), (u * root[None, :]).to(weight.dtype).contiguous()
+
+
+@torch.no_grad()
+def subtract_pissa_product(
+    target: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scale: float, rows: slice = slice(None)
+) -> None:
+    """`target -= scale·(B0·A0)[rows]`, computed in float32 and rounded to `target`'s dtype.
+
+    `target` is a whole base weight, or one rank's `rows` of it: every row gets the same bits.
+    """
+    delta = b0.to(target.device, torch.float32) @ a0.to(target.device, torch.float32)
+    target.copy_((target.float() - scale * delta[rows]).to(target.dtype))
 
 
 @torch.no_grad()
 def apply_pissa_residual(layer: nn.Module, a0: torch.Tensor, b0: torch.Tensor) -> None:
     """Replace the frozen base weight W by the PiSSA residual W - s·B0·A0 (computed in float32)."""
-    _, _, scale = _adapter(layer)
-    weight = layer.get_base_layer().weight
-    delta = b0.to(weight.device, torch.float32) @ a0.to(weight.device, torch.float32)
-    weight.copy_((weight.float() - scale * delta).to(weight.dtype))
+    _, _, scale = lora_adapter(layer)
+    subtract_pissa_product(layer.get_base_layer().weight, a0, b0, scale)
 
 
 @torch.no_grad()
@@ -147,19 +176,8 @@ def pissa_initialize(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tenso
     initial: dict[str, torch.Tensor] = {}
     with seeded(cfg.seed):
         for name, layer in lora_layers(model).items():
-            lora_a, lora_b, scale = _adapter(layer)
-            weight = layer.get_base_layer().weight
-            w = weight.float()
-            r = lora_a.weight.shape[0]
-            if niter is None:
-                u, s, vh = torch.linalg.svd(w, full_matrices=False)
-                u, s, vh = u[:, :r], s[:r], vh[:r]
-            else:
-                u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
-                vh = v.T
-            root = (s / scale).sqrt()
-            a0 = (root[:, None] * vh).to(weight.dtype)
-            b0 = (u * root[None, :]).to(weight.dtype)
+            lora_a, lora_b, scale = lora_adapter(layer)
+            a0, b0 = pissa_factors(layer.get_base_layer().weight, lora_a.weight.shape[0], scale, niter)
             apply_pissa_residual(layer, a0, b0)
             lora_a.weight.copy_(a0.to(lora_a.weight.dtype))
             lora_b.weight.copy_(b0.to(lora_b.weight.dtype))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, replace
-from functools import partial
 from typing import Any
 
 import lightning as L
@@ -44,29 +43,17 @@ from litovis.training.config import (
 from litovis.training.distributed_pissa import pissa_initialize_on_ranks, restore_pissa_residual_on_ranks
 from litovis.training.finetune_model import build_finetune_model
 from litovis.training.lora import LoRAConfig
-from litovis.training.loss_schedule import LossSchedule
 from litovis.training.losses import shift_targets, token_loss
+from litovis.training.lr_schedule import build_lr_scheduler
 from litovis.training.rng_state import gather_rng_states, rank_rng_state, restore_rng_state
+from litovis.training.sharding import total_norm
 from litovis.training.token_stats import TokenStats
 
-# Validation metrics are reduced across ranks before they are logged (`TokenStats.reduce`), so
-# Lightning's advice to reduce epoch-level metrics with `sync_dist` does not apply to them.
+# Validation/test metrics are reduced across ranks before they are logged (`TokenStats.reduce`),
+# so Lightning's advice to reduce epoch-level metrics with `sync_dist` does not apply to them.
 warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self\.log\('val", category=PossibleUserWarning
+    "ignore", message=r"It is recommended to use `self\.log\('(val|test)", category=PossibleUserWarning
 )
-
-
-def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, restart: tuple[int, int] | None = None) -> float:
-    """LR multiplier at `step`: linear warm-up, then cosine from 1 to `floor` at `total`.
-
-    With `restart=(start, warmup)` the same shape starts over at step `start` (DFT re-warm).
-    """
-    start, warm = (0, warmup) if restart is None or step < restart[0] else restart
-    local, length = step - start, max(1, total - start)
-    if local < warm:
-        return (local + 1) / (warm + 1)
-    progress = min(1.0, (local - warm) / max(1, length - warm))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class OvisFineTuner(L.LightningModule):
@@ -81,7 +68,9 @@ class OvisFineTuner(L.LightningModule):
         loss: chunked loss settings.
         memory: activation checkpointing and compilation.
         predict: decoding settings for `litovis predict`.
-        task_names: task vocabulary for per-task logging (filled from the data module when empty).
+        task_names: task vocabulary for per-task logging, in the order of the batches' task indices.
+            Taken from the data module when it has one (giving a different list is an error); give
+            it only to use the module without a data module.
     """
 
     def __init__(
@@ -108,14 +97,15 @@ class OvisFineTuner(L.LightningModule):
         self.memory = memory or MemoryConfig()
         self.predict_cfg = predict or PredictConfig()
         self._predictor = None
-        self.task_names = list(task_names or [])
+        self._given_task_names = list(task_names or [])
+        self.task_names = list(self._given_task_names)
         self.model: torch.nn.Module | None = None
         self.loss_kind = "ce"
         self.strict_loading = False  # only trainable weights are saved; checked in on_load_checkpoint
         self._pissa_initial: dict[str, Tensor] | None = None
         self._pissa_pending = False
         self._train_stats: TokenStats | None = None
-        self._val_stats: TokenStats | None = None
+        self._eval_stats: TokenStats | None = None  # validation or test, one at a time
         self._ce_ema: float | None = None
         self._logged_step = -1
         self._rng_to_restore: dict[str, Any] | None = None
@@ -169,20 +159,24 @@ class OvisFineTuner(L.LightningModule):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def setup(self, stage: str) -> None:
-        if not self.task_names and self.trainer is not None and self.trainer.datamodule is not None:
-            self.task_names = list(getattr(self.trainer.datamodule, "task_names", []))
+        # The batches index tasks in the data module's vocabulary: per-task metrics must use it.
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = list(getattr(datamodule, "task_names", None) or [])
+        if not names:
+            return
+        if self._given_task_names and self._given_task_names != names:
+            raise ValueError(
+                f"model task_names {self._given_task_names} differ from the data module's task vocabulary "
+                f"{names}, which the batches' task indices refer to: leave task_names unset"
+            )
+        self.task_names = names
 
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         if self.source.adapter is not None:
             raise ValueError("model.source.adapter is for predict/validate/test; to continue a run use --ckpt_path")
         opt = self.build_optimizer()
-        total = self._total_steps()
-        warmup = self.optim.warmup_steps if self.optim.warmup_steps is not None else round(self.optim.warmup_ratio * total)
-        schedule = next((c for c in self.trainer.callbacks if isinstance(c, LossSchedule)), None)
-        restart = schedule.schedule_restart() if schedule is not None else None
-        factor = partial(lr_factor, total=total, warmup=warmup, floor=self.optim.min_lr_ratio, restart=restart)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = build_lr_scheduler(opt, self.optim, self.trainer)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def build_optimizer(self) -> torch.optim.AdamW:
@@ -219,17 +213,6 @@ class OvisFineTuner(L.LightningModule):
             raise ValueError("fp16 loss scaling with gradient clipping is not supported: use bf16-mixed")
         grads = [p for p in self.model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val)
-
-    def _total_steps(self) -> int:
-        if self.optim.total_steps is not None:
-            return self.optim.total_steps
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "optimizer_steps_per_epoch"):
-            raise ValueError("set optimizer.total_steps or trainer.max_steps: the schedule length is unknown")
-        epochs = self.trainer.max_epochs or 1
-        return datamodule.optimizer_steps_per_epoch(self.trainer.accumulate_grad_batches) * epochs
 
     # --------------------------------------------------------------- forward
     def _token_loss(self, batch: Any, kind: str):
@@ -323,31 +306,42 @@ class OvisFineTuner(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            total = torch.nn.utils.get_total_norm(grads)
-            if hasattr(total, "full_tensor"):  # sharded gradients (FSDP): the norm over all shards
-                total = total.full_tensor()
-            self.log("train/grad_norm", total.item(), on_step=True, on_epoch=False, batch_size=1)
+            self.log("train/grad_norm", total_norm(grads).item(), on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _evaluation_step(self, batch: Any, batch_idx: int) -> None:
+        """Add one validation/test micro-batch's per-token CE statistics (whatever the training loss)."""
         result, mask, token_task = self._token_loss(batch, "ce")
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "val_batch_is_repeat") and datamodule.val_batch_is_repeat(batch_idx):
             return  # a copy that only keeps the ranks in step: counted once, on its own rank
-        self._val_stats = self._stats(self._val_stats)
-        self._val_stats.add(result.ce, result.ce, result.dft, result.correct, mask, token_task)
+        self._eval_stats = self._stats(self._eval_stats)
+        self._eval_stats.add(result.ce, result.ce, result.dft, result.correct, mask, token_task)
 
-    def on_validation_epoch_end(self) -> None:
-        if self._val_stats is None:
+    def _log_evaluation(self, prefix: str) -> None:
+        """Log the evaluation epoch's statistics as `{prefix}/loss`, `{prefix}/ce`, ... and reset them."""
+        if self._eval_stats is None:
             return
-        stats = self._val_stats
+        stats = self._eval_stats
         stats.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-        logs = stats.means("val", self.task_names)
-        # val/loss is CE whatever the training loss: comparable across the CE -> DFT switch.
+        logs = stats.means(prefix, self.task_names)
+        # {prefix}/loss is CE whatever the training loss: comparable across the CE -> DFT switch.
         # Every rank logs the same reduced values, so ModelCheckpoint can monitor val/loss on all
         # ranks (a rank-zero-only metric would leave the others without it and deadlock a save).
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
-        if "val/loss" in logs:
-            self.log("val_loss", logs["val/loss"], prog_bar=True, on_epoch=True, batch_size=1)
+        if f"{prefix}/loss" in logs:
+            self.log(f"{prefix}_loss", logs[f"{prefix}/loss"], prog_bar=True, on_epoch=True, batch_size=1)
         stats.reset()
 
     # ------------------------------------------------------------- predict
@@ -381,8 +375,7 @@ class OvisFineTuner(L.LightningModule):
         return state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = set(self.trainable_names())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # checkpoint["state_dict"] is already `self.state_dict()`: the trainable weights only.
         if self._pissa_initial is not None:
             checkpoint["pissa_initial"] = self._pissa_initial
         # Lightning does not save RNG state; LoRA dropout needs it, on every rank, for an exact resume.
@@ -392,7 +385,7 @@ class OvisFineTuner(L.LightningModule):
             "finetune": self.finetune,
             "lora": asdict(self.lora) if self.finetune == "lora" else None,
             "trainable": asdict(self.trainable),
-            "trainable_names": sorted(keep),
+            "trainable_names": sorted(self.trainable_names()),
             "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
             "loss_kind": self.loss_kind,
             "global_step": self.trainer.global_step if self._trainer is not None else None,

@@ -20,23 +20,19 @@ With `16-mixed` the GradScaler's overflow steps are counted too (it lowers its s
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from litovis.training.sharding import total_norm
+
 log = logging.getLogger(__name__)
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
-
-
-def _sample_ids(batch: Any) -> list[str]:
-    ids = batch.get("sample_ids") if isinstance(batch, Mapping) else getattr(batch, "sample_ids", None)
-    return [str(i) for i in ids] if ids is not None else []
 
 
 class NonFiniteGuard(L.Callback):
@@ -62,7 +58,7 @@ class NonFiniteGuard(L.Callback):
         if trainer.global_step != self._step:  # first micro-batch of a new optimizer step
             self._step = trainer.global_step
             self._batch_ids, self._loss_finite = [], []
-        self._batch_ids.append(_sample_ids(batch))
+        self._batch_ids.append([str(i) for i in getattr(batch, "sample_ids", [])])
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self._loss_finite.append(torch.isfinite(loss.detach()).all())
@@ -71,7 +67,7 @@ class NonFiniteGuard(L.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         device = pl_module.device
         grads_finite = (
-            torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])).to(device)
+            torch.isfinite(total_norm([p.grad for p in params])).to(device)
             if params
             else torch.ones((), dtype=torch.bool, device=device)
         )

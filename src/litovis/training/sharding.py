@@ -101,6 +101,15 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of `tensors` taken together, as a plain tensor even when they are FSDP shards
+    (then a collective: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    total = torch.nn.utils.get_total_norm(tensors)
+    return total.full_tensor() if isinstance(total, DTensor) else total
+
+
 @torch.no_grad()
 def write_rows(param: torch.Tensor, rows: torch.Tensor, name: str = "") -> None:
     """Copy `rows` (this rank's rows of the full tensor, see `local_rows`) into `param`'s shard."""
@@ -233,9 +242,9 @@ def materialize_sharded(model: nn.Module, ovis: nn.Module, device: torch.device,
     if checkpoint is not None:
         load_sharded_checkpoint(ovis, checkpoint, dtype)
     else:
-        torch.manual_seed(seed)
         std = init_std if init_std is not None else ovis.config.llm.extra.get("initializer_range", 0.02)
-        init_random_sharded(ovis, std, dtype)
+        with seeded(seed):  # the run's own RNG stream (dropout) stays `seed_everything`'s
+            init_random_sharded(ovis, std, dtype)
     init_lora_sharded(ovis, lora_seed)
 
 
