@@ -31,9 +31,16 @@ def _qkv(total: int, heads: int = 4, kv_heads: int = 2, dim: int = 8, batch: int
     return q, k, v
 
 
+@pytest.fixture(params=[True, False], ids=["native-gqa", "repeated-kv"])
+def gqa_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """SDPA with its own GQA (CPU) or with K/V heads repeated (what CUDA runs), both on CPU."""
+    monkeypatch.setattr(attention, "sdpa_native_gqa", lambda device: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths", [[5, 3, 7], [9]])
-def test_packed_sdpa_equals_per_sample_loop(causal: bool, lengths: list[int]) -> None:
+def test_packed_sdpa_equals_per_sample_loop(causal: bool, lengths: list[int], gqa_path: bool) -> None:
     total = sum(lengths)
     q, k, v = _qkv(total)
     cu = torch.tensor([0, *lengths]).cumsum(0)
@@ -45,7 +52,7 @@ def test_packed_sdpa_equals_per_sample_loop(causal: bool, lengths: list[int]) ->
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_padded_batch_equals_each_row_alone(causal: bool) -> None:
+def test_padded_batch_equals_each_row_alone(causal: bool, gqa_path: bool) -> None:
     q, k, v = _qkv(6, batch=3)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     out = attend(q, k, v, padded_layout(mask, causal=causal))

@@ -181,9 +181,9 @@ def padded_layout(
     return AttentionLayout(causal=causal, backend="sdpa", mask=allowed[:, None])
 
 
-def _repeat_kv(x: torch.Tensor, groups: int, head_dim_axis: int) -> torch.Tensor:
-    """Repeat each K/V head `groups` times along the head axis (axis before `head_dim_axis`)."""
-    return x if groups == 1 else torch.repeat_interleave(x, groups, dim=head_dim_axis - 1)
+def _repeat_kv(x: torch.Tensor, groups: int, head_axis: int) -> torch.Tensor:
+    """Repeat each K/V head `groups` times along `head_axis`."""
+    return x if groups == 1 else torch.repeat_interleave(x, groups, dim=head_axis)
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
@@ -209,11 +209,16 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attention
         if groups > 1 and "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         elif groups > 1:
-            k, v = _repeat_kv(k, groups, 2), _repeat_kv(v, groups, 2)
+            k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)  # [T, H, D]
         return _TORCH_VARLEN(q, k, v, cu, cu, max_len, max_len, **kwargs)
     if _FLASH_ATTN_VARLEN is None:
         raise RuntimeError("attention backend 'varlen' is unavailable: no variable-length kernel installed")
     return _FLASH_ATTN_VARLEN(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=layout.causal)
+
+
+def sdpa_native_gqa(device: torch.device) -> bool:
+    """Whether SDPA's own GQA (`enable_gqa`) is used on `device` (else K/V heads are repeated)."""
+    return device.type == "cpu"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
@@ -226,9 +231,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
     # SDPA's own GQA is used on CPU only: on CUDA (torch 2.11) `enable_gqa` fails in some kernels
     # it may pick, with or without a mask. Packed training and prefill take the varlen kernel
     # (native GQA) and decoding folds heads, so repeating K/V here costs little where it matters.
-    native_gqa = q.device.type == "cpu"
+    native_gqa = sdpa_native_gqa(q.device)
     if groups > 1 and not native_gqa:
-        k, v = _repeat_kv(k, groups, 3), _repeat_kv(v, groups, 3)
+        k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)  # [B, H, T, D]
     out = F.scaled_dot_product_attention(
         q, k, v,
         attn_mask=mask,
