@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile the decoder layers")
     parser.add_argument("--act-budget", type=float, default=1.0, help="memory.activation_memory_budget")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="loss.chunk_size")
+    parser.add_argument("--offload-layers", type=int, default=0, help="memory.offload_layers")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=25, help="source lines to print")
     parser.add_argument("--small", action="store_true", help="tiny preset (the script runs; needs CUDA)")
@@ -68,7 +69,8 @@ def main() -> None:
         sys.exit("memory_peak.py needs CUDA: it reads the CUDA caching allocator's history")
     device = torch.device("cuda")
     scale = SMALL if args.small else FULL
-    module = build_litovis(scale, args.compile, device, act_budget=args.act_budget, loss_chunk=args.loss_chunk)
+    module = build_litovis(scale, args.compile, device, act_budget=args.act_budget, loss_chunk=args.loss_chunk,
+                           offload_layers=args.offload_layers)
     module.ovis.llm.set_gradient_checkpointing(True, num_layers=args.ckpt_layers)
     optimizer = module.build_optimizer()
     work = make_workloads(scale, args.budget, args.warmup, 1, module.ovis.config.llm.vocab_size, True)[args.workload]
@@ -86,7 +88,8 @@ def main() -> None:
     trace = snapshot["device_traces"][device.index or 0]
     peak, index, live = peak_of(trace, before)
     print(f"setting: workload {args.workload}, budget {args.budget}, ckpt {args.ckpt_layers}, "
-          f"compile {args.compile}, act {args.act_budget:g}, loss chunk {args.loss_chunk}")
+          f"compile {args.compile}, act {args.act_budget:g}, loss chunk {args.loss_chunk}, "
+          f"offload {args.offload_layers}")
     print(f"max_memory_allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB; replayed peak "
           f"{peak / GIB:.2f} GiB at event {index} of {len(trace)}")
     if index >= 0:

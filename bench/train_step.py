@@ -169,12 +169,14 @@ def make_workloads(scale: Scale, budget: int, warmup: int, steps: int, vocab: in
 
 # ------------------------------------------------------------------ the two stacks
 def build_litovis(scale: Scale, compiled: bool, device: torch.device, attention: str = "auto",
-                  dropout: float = 0.05, act_budget: float = 1.0, loss_chunk: int = 1024) -> OvisFineTuner:
+                  dropout: float = 0.05, act_budget: float = 1.0, loss_chunk: int = 1024,
+                  offload_layers: int = 0) -> OvisFineTuner:
     """The training module exactly as `litovis fit` builds it (random init, LoRA `default` init)."""
     module = OvisFineTuner(
         ModelSource(preset=scale.preset, dtype="bfloat16", attn_backend=attention),
         lora=LoRAConfig(init="default", dropout=dropout),
-        memory=MemoryConfig(gradient_checkpointing=True, compile=compiled, activation_memory_budget=act_budget),
+        memory=MemoryConfig(gradient_checkpointing=True, compile=compiled, activation_memory_budget=act_budget,
+                            offload_layers=offload_layers),
         loss=LossConfig(chunk_size=loss_chunk),
         task_names=TASKS,
     )
@@ -456,8 +458,11 @@ class Bench:
         eager_speed: dict[tuple[int, int], float] = {}
         budgets = [float(b) for b in args.act_budgets.split(",")]
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-        for compiled, act_budget in [(c, b) for c in modes for b in (budgets if c else [1.0])]:
+        offloads = [int(k) for k in args.offload_layers.split(",")]
+        passes = [(c, b, k) for c in modes for b in (budgets if c else [1.0]) for k in offloads]
+        for compiled, act_budget, offload in passes:
             mode = ("compiled" if act_budget == 1 else f"compiled, act {act_budget:g}") if compiled else "eager"
+            mode += f", offload {offload}" if offload else ""
             if compiled:
                 torch._dynamo.reset()  # a new activation budget needs fresh graphs
             order = settings
@@ -471,7 +476,7 @@ class Bench:
                 no_model = "failed: the model was not built"
                 try:
                     module = build_litovis(self.scale, compiled, device, args.attn, args.lora_dropout, act_budget,
-                                           args.loss_chunk)
+                                           args.loss_chunk, offload)
                     optimizer = module.build_optimizer()
                 except Exception:  # noqa: BLE001
                     traceback.print_exc(file=sys.stdout)
@@ -548,6 +553,9 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of both stacks")
     parser.add_argument("--act-budgets", default="1.0",
                         help="compiled passes: comma list of memory.activation_memory_budget values, one pass each")
+    parser.add_argument("--offload-layers", default="0",
+                        help="comma list of memory.offload_layers values (saved activations of the first k layers "
+                             "in pinned host memory), one pass each")
     parser.add_argument("--loss-chunk", type=int, default=LossConfig.chunk_size,
                         help="target tokens per chunk of litovis's chunked loss (peak grows by chunk x vocab x 6 bytes)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0 = off)")

@@ -16,6 +16,8 @@ activation dtype) so logits match it. Layers contain no Python branching on tens
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -204,6 +206,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.config = config
         self.attention_backend = attention_backend
         self.checkpointed_layers = 0
+        self.hooked_layers = 0
+        self.saved_tensor_hooks: Callable[[], AbstractContextManager] = nullcontext
         self.model = Qwen3Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -233,6 +237,14 @@ class Qwen3ForCausalLM(nn.Module):
         if not 0 <= count <= total:
             raise ValueError(f"num_layers must be between 0 and {total}, got {num_layers}")
         self.checkpointed_layers = count
+
+    def set_saved_tensor_hooks(self, hooks: Callable[[], AbstractContextManager], num_layers: int) -> None:
+        """Run the first `num_layers` decoder layers inside `hooks()` whenever they build a graph for
+        backward (e.g. `ActivationOffload.hooks`, which parks their saved activations on the host)."""
+        total = self.config.num_hidden_layers
+        if not 0 <= num_layers <= total:
+            raise ValueError(f"num_layers must be between 0 and {total}, got {num_layers}")
+        self.saved_tensor_hooks, self.hooked_layers = hooks, num_layers
 
     def _layout(
         self,
@@ -314,10 +326,11 @@ class Qwen3ForCausalLM(nn.Module):
         values it returns are what the queries attend to under `layout`).
         """
         cos, sin = rotary_cos_sin(position_ids.to(hidden.device), self.config.head_dim, self.config.rope_theta, hidden.dtype)
-        checkpointing = torch.is_grad_enabled() and cache is None
+        training = torch.is_grad_enabled() and cache is None
         for index, layer in enumerate(self.model.layers):
-            if checkpointing and index < self.checkpointed_layers:
-                hidden = checkpoint(layer, hidden, cos, sin, layout, use_reentrant=False)
-            else:
-                hidden = layer(hidden, cos, sin, layout, None if cache is None else cache.layer(index), cache_slots)
+            with self.saved_tensor_hooks() if training and index < self.hooked_layers else nullcontext():
+                if training and index < self.checkpointed_layers:
+                    hidden = checkpoint(layer, hidden, cos, sin, layout, use_reentrant=False)
+                else:
+                    hidden = layer(hidden, cos, sin, layout, None if cache is None else cache.layer(index), cache_slots)
         return self.model.norm(hidden)

@@ -114,17 +114,23 @@ class MemoryConfig:
         activation_memory_budget: with `compile`, the share (0-1] of a compiled layer's
             activations kept for backward; the compiler recomputes the rest, cheapest ops first,
             dropout masks included. A finer trade than checkpointing whole layers; 1 = keep all.
+        offload_layers: the first k LLM decoder layers keep their large saved activations (>= 1
+            MiB each) in pinned host memory between forward and backward, copied on side streams
+            that overlap compute (`litovis.training.activation_offload`); CUDA only; 0 = off.
     """
 
     gradient_checkpointing: bool | int = True
     compile: bool = False
     activation_memory_budget: float = 1.0
+    offload_layers: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.activation_memory_budget <= 1:
             raise ValueError(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
         if self.activation_memory_budget < 1 and not self.compile:
             raise ValueError("activation_memory_budget < 1 works through torch.compile: set memory.compile: true")
+        if self.offload_layers < 0:
+            raise ValueError(f"offload_layers must be >= 0, got {self.offload_layers}")
 
 
 Finetune = Literal["lora", "full"]

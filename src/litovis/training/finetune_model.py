@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from litovis.training.activation_offload import ActivationOffload
 from litovis.training.config import Finetune, MemoryConfig, ModelSource, Trainable
 from litovis.training.lora import LoRAConfig, apply_lora, seeded
 
@@ -36,6 +37,8 @@ def build_finetune_model(
     mesh = sharding[0] if sharding is not None else None
     if mesh is not None and memory.compile:
         raise NotImplementedError("memory.compile is not supported with FSDP (ModelParallelStrategy) yet")
+    if mesh is not None and memory.offload_layers:
+        raise NotImplementedError("memory.offload_layers is not supported with FSDP (ModelParallelStrategy) yet")
     ovis = build_base(source, sharded=mesh is not None)
     ovis.set_attention_backend(source.attn_backend)
     ovis.train()  # load_ovis returns eval mode; LoRA dropout must be active
@@ -65,6 +68,13 @@ def build_finetune_model(
         ovis.llm.set_gradient_checkpointing(checkpointing)
     else:
         ovis.llm.set_gradient_checkpointing(True, num_layers=checkpointing)
+    if memory.offload_layers:
+        if next(ovis.parameters()).device.type != "cuda":
+            raise ValueError("memory.offload_layers moves activations from a CUDA GPU to host memory: "
+                             "train on CUDA or set it to 0")
+        offload = ActivationOffload()
+        offload.ignore_parameters(model)
+        ovis.llm.set_saved_tensor_hooks(offload.hooks, memory.offload_layers)
     if memory.compile:
         if memory.activation_memory_budget < 1:
             import torch._functorch.config as functorch_config
