@@ -58,14 +58,11 @@ class ActivationOffload:
         self._next_index = 0
         self._streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         self.offloaded_bytes = 0
-        """Bytes moved to the host since the last `reset_stats` (for logging and tests)."""
+        """Bytes moved to the host so far."""
 
     def ignore_parameters(self, module: torch.nn.Module) -> None:
         """Never move `module`'s parameters (they are saved for backward by reference, not copied)."""
         self._parameters = {p.data_ptr() for p in module.parameters()}
-
-    def reset_stats(self) -> None:
-        self.offloaded_bytes = 0
 
     def hooks(self) -> AbstractContextManager:
         """The context manager to run offloaded forward code in."""
