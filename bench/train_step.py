@@ -28,12 +28,16 @@ real % = real tokens / computed positions (packing has no padding); fill % = tok
 
 Settings: each (budget, checkpointed layers) pair of --settings (or of --budget x --ckpt-layers)
 runs every litovis workload; `--compile both` then builds a compiled model and reruns the settings
-that worked, fastest first, the mix before a. Rows run in isolation (an OOM or compile error is
-printed and the next row runs), are printed and saved to --json as they finish, and rows that
-would end past --time-limit are skipped.
+that worked, fastest first, the mix before a; each value of `--act-budgets` (compiler
+recomputation) and of `--offload-layers` (saved activations in host memory) is one more pass.
+Rows run in isolation (an OOM or compile error is printed and the next row runs), are printed and
+saved to --json as they finish, and rows that would end past --time-limit are skipped.
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=src python bench/train_step.py \
         --settings 16384:36,16384:28 --compile both --json out.json
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=src python bench/train_step.py \
+        --workloads baseline,a,b --compile on --act-budgets 0.4 --offload-layers 8 \
+        --settings 8192:0,4096:0 --loss-chunk 256 --warmup 4     # the targets' run (RESULTS.md run 8)
     PYTHONPATH=src python bench/train_step.py --small     # tiny preset on CPU: the script runs
 """
 
