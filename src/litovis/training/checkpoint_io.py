@@ -24,9 +24,7 @@ checkpoint in the same directory. Sharded FSDP checkpoints are directories writt
 
 from __future__ import annotations
 
-import glob
 import os
-import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
+
+from litovis.atomic_files import atomic_write
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -54,47 +54,10 @@ def _local_path(path: str | os.PathLike) -> Path | None:
     return Path(text[len("file://"):] if text.startswith("file://") else text)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk; Windows cannot open folders.
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_name(target: Path) -> Path:
-    """A fresh hidden temp path next to `target` (same directory, hence same filesystem)."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def _leftover_temps(target: Path) -> list[Path]:
-    return sorted(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
-
-
 def atomic_torch_save(checkpoint: dict[str, Any], target: Path) -> None:
-    """`torch.save` to `target` so that a crash at any point leaves the old file or the new one.
-
-    Streams into a temp file in the same directory (no second copy in memory), fsyncs it, renames it
-    over `target` and fsyncs the directory.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _leftover_temps(target):  # a killed earlier save of this very file
-        stale.unlink(missing_ok=True)
-    tmp = temp_name(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
+    """`torch.save` to `target` so that a crash at any point leaves the old file or the new one
+    (`litovis.atomic_files.atomic_write`: streamed into a fsynced temp file beside it, renamed)."""
+    atomic_write(target, lambda handle: torch.save(checkpoint, handle))
 
 
 def _archive_intact(path: Path) -> bool:
