@@ -258,7 +258,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny preset, CPU unless CUDA is present")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the LLM decoder layers in place (prefill and decode)")
+                        help="torch.compile the LLM decoder and ViT encoder layers in place")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--decode-attention", default="sdpa,matmul",
                         help="decode attention variants to time, comma-separated (sdpa, matmul)")
@@ -289,8 +289,7 @@ def main() -> None:
     grid = (1, side // vit.patch_size, side // vit.patch_size)
     atoms = grid[1] * grid[2] // vit.hidden_stride**2
     if args.compile:
-        for layer in model.llm.model.layers:
-            layer.compile()
+        model.compile_layers()
     eos = eos_ids(vocab)
     config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_ids=eos,
                               pad_token_id=eos[1])

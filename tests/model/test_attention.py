@@ -134,3 +134,52 @@ def test_matmul_backend_takes_one_query_per_row() -> None:
     layout = attention.AttentionLayout(causal=True, backend="matmul", mask=None)
     with pytest.raises(ValueError, match="single-query"):
         attend(q[:, :2], k, v, layout)
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 6, 3, 3], [9]])
+def test_per_sequence_equals_per_sample_loop(lengths: list[int], gqa_path: bool) -> None:
+    """One SDPA call per run of equal lengths: each sequence attends to itself only, both ways."""
+    total = sum(lengths)
+    q, k, v = _qkv(total)
+    # the runs CUDA would use (building the layout makes no tensor), run here on CPU
+    layout = attention.sequences_layout(lengths, backend="auto", device=torch.device("cuda"), dtype=torch.bfloat16)
+    out = attend(q, k, v, layout)[0]
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        expected = reference_attention(q[0, start:end], k[0, start:end], v[0, start:end], causal=False)
+        torch.testing.assert_close(out[start:end], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_per_sequence_layout_must_cover_the_queries() -> None:
+    q, k, v = _qkv(7)
+    layout = attention.AttentionLayout(causal=False, backend="per_sequence", runs=((0, 2, 3),))
+    with pytest.raises(ValueError, match="cover 6 positions, the queries 7"):
+        attend(q, k, v, layout)
+
+
+def test_sequences_layout_routes() -> None:
+    """`auto` on CUDA in half precision groups equal lengths into runs (no tensor is made, so this
+    runs without a GPU); elsewhere, or when a backend is named, it is the packed layout."""
+    cuda = torch.device("cuda")
+    layout = attention.sequences_layout([3, 3, 5, 3], backend="auto", device=cuda, dtype=torch.bfloat16)
+    assert layout.backend == "per_sequence"
+    assert layout.runs == ((0, 2, 3), (6, 1, 5), (11, 1, 3))
+    on_cpu = attention.sequences_layout([3, 3, 5], backend="auto", device=CPU, dtype=torch.bfloat16)
+    named = attention.sequences_layout([3, 3, 5], backend="sdpa", device=CPU, dtype=torch.float32)
+    for layout in (on_cpu, named):
+        assert layout.backend == "sdpa" and not layout.causal
+        assert layout.mask is not None and layout.mask.sum() == 3 * 3 + 3 * 3 + 5 * 5
+    with pytest.raises(ValueError, match="positive"):
+        attention.sequences_layout([3, 0], backend="auto", device=CPU, dtype=torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel_name() is None,
+                    reason="needs CUDA and a variable-length attention kernel")
+def test_per_sequence_equals_varlen_on_gpu() -> None:
+    lengths = [64, 64, 40, 64]
+    total = sum(lengths)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(total, heads=4, kv_heads=4, dim=72))
+    device = torch.device("cuda")
+    fast = attend(q, k, v, attention.sequences_layout(lengths, backend="auto", device=device, dtype=q.dtype))
+    varlen = attend(q, k, v, attention.sequences_layout(lengths, backend="varlen", device=device, dtype=q.dtype))
+    torch.testing.assert_close(fast, varlen, rtol=2e-2, atol=2e-2)

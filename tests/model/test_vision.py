@@ -73,3 +73,34 @@ def test_position_table_at_native_size_is_read_in_block_order(reference_model: O
 def test_pixel_rows_must_match_the_grids(reference_model: Ovis2_5, expected: dict) -> None:
     with pytest.raises(ValueError, match="pixel_values has shape"):
         reference_model.visual_tokens(expected["pixel_values"][:-4], expected["grid_thws"])
+
+
+def test_compiled_encoder_layer_is_not_recompiled_per_image_size(reference_model: Ovis2_5) -> None:
+    """The per-image attention CUDA runs is left out of a compiled layer's graph: images of new
+    sizes (other runs, other token counts) reuse the graphs instead of recompiling each time."""
+    from litovis.model.attention import sequences_layout
+    from litovis.model.vision import vision_rotary
+
+    vit = reference_model.visual_tokenizer.vit.vision_model
+    layer = copy.deepcopy(vit.encoder.layers[0])
+    eager = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    layer.compile(backend="eager")
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    layouts = ([(1, 4, 4), (1, 4, 4)], [(1, 2, 6)], [(1, 6, 6), (1, 2, 2), (1, 2, 2)], [(2, 4, 2)], [(1, 8, 2)])
+    try:
+        for index, grids in enumerate(layouts):
+            if index == 2:  # the first two sizes warm up (the second makes the token count dynamic)
+                torch._dynamo.utils.counters.clear()
+            lengths = [h * w for t, h, w in grids for _ in range(t)]
+            # the layout CUDA would use (building it makes no tensor), run here on CPU
+            layout = sequences_layout(lengths, backend="auto", device=torch.device("cuda"), dtype=torch.bfloat16)
+            hidden = torch.randn(sum(lengths), vit.config.hidden_size, generator=gen)
+            cos, sin = vision_rotary(grids, vit.config.head_dim, vit.config.hidden_stride, hidden.device)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(hidden, cos, sin, layout), eager(hidden, cos, sin, layout))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 0, f"{graphs} graphs compiled for new image sizes after the warm-up"

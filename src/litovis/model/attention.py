@@ -14,7 +14,10 @@ Backends (chosen per layout): `"varlen"` runs packed layouts through a variable-
 `flash_attn_varlen_func` when installed); `"sdpa"` uses `scaled_dot_product_attention` with a
 boolean mask built from the layout (exact on any device, the CPU path). `"auto"` picks varlen when
 it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are). Asking
-explicitly for a backend that cannot run raises. Decoding layouts (one query per row over a
+explicitly for a backend that cannot run raises. Bidirectional sequences of host-known lengths
+(the ViT's images, `sequences_layout`) take one more route under `"auto"` on CUDA:
+`"per_sequence"`, one SDPA call per run of equal-length sequences with cuDNN's kernel first, 1.4x
+faster than the varlen flash kernel at the ViT's head_dim 72 on an H200. Decoding layouts (one query per row over a
 cache) may also name `"matmul"`: two batched matmuls with a float32 softmax, an alternative to
 SDPA's fused kernels for that shape.
 
@@ -27,12 +30,13 @@ repeated.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BackendName = Literal["auto", "sdpa", "varlen"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
@@ -114,13 +118,15 @@ class AttentionLayout:
     causal: bool
     """Queries attend only to keys at earlier or equal positions."""
     backend: str
-    """`"varlen"` or `"sdpa"` (already resolved), or `"matmul"` for single-query decoding."""
+    """`"varlen"`, `"sdpa"` or `"per_sequence"` (already resolved), or `"matmul"` for single-query decoding."""
     cu_seqlens: torch.Tensor | None = None
     """int32 `[S + 1]` sequence boundaries of a packed row (varlen backend)."""
     max_seqlen: int | None = None
     """Longest sequence of a packed row (varlen backend)."""
     mask: torch.Tensor | None = None
     """bool `[B or 1, 1, Tq, Tk]`, True where a query may attend a key (SDPA backend)."""
+    runs: tuple[tuple[int, int, int], ...] = ()
+    """`(first position, sequences, length)` of each run of equal-length sequences (per_sequence backend)."""
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -155,6 +161,36 @@ def packed_layout(
     if causal:
         mask = mask.tril()
     return AttentionLayout(causal=causal, backend="sdpa", mask=mask[None, None])
+
+
+def sequences_layout(
+    lengths: Sequence[int],
+    *,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AttentionLayout:
+    """Bidirectional layout of one packed row of consecutive sequences with these (host) lengths.
+
+    `"auto"` on CUDA in half precision gives the `"per_sequence"` backend; otherwise (or for an
+    explicit `"varlen"`/`"sdpa"`) this is `packed_layout`'s.
+    """
+    check_backend_name(backend)
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"sequence lengths must be positive, got {list(lengths)}")
+    if backend == "auto" and device.type == "cuda" and _compute_dtype(device, dtype) in (torch.float16, torch.bfloat16):
+        runs: list[list[int]] = []
+        start = 0
+        for length in lengths:
+            if runs and runs[-1][2] == length:
+                runs[-1][1] += 1
+            else:
+                runs.append([start, 1, length])
+            start += length
+        return AttentionLayout(causal=False, backend="per_sequence", runs=tuple(tuple(run) for run in runs))
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
+    return packed_layout(cu_seqlens, max(lengths), sum(lengths), causal=False, backend=backend,
+                         device=device, dtype=dtype)
 
 
 def padded_layout(
@@ -244,6 +280,33 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
     return out.transpose(1, 2)
 
 
+_SEQUENCE_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
+@torch.compiler.disable  # a compiled caller breaks its graph here instead of specialising on the runs
+def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    """q `[T, Hq, D]`, k/v `[T, Hkv, D]` -> `[T, Hq, D]`: bidirectional SDPA over each run of equal-length sequences."""
+    covered = sum(count * length for _, count, length in layout.runs)
+    if covered != q.shape[0]:
+        raise ValueError(f"the layout's sequences cover {covered} positions, the queries {q.shape[0]}")
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not sdpa_native_gqa(q.device):
+        k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)
+    outputs = []
+    with sdpa_kernel(_SEQUENCE_KERNELS, set_priority=True):
+        for start, count, length in layout.runs:
+            end = start + count * length
+
+            def heads_first(x: torch.Tensor) -> torch.Tensor:
+                return x[start:end].unflatten(0, (count, length)).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=scale,
+                                                 enable_gqa=groups > 1 and sdpa_native_gqa(q.device))
+            outputs.append(out.transpose(1, 2).flatten(0, 1))
+    return torch.cat(outputs)  # a new contiguous tensor even for one run, never a view
+
+
 def _sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
     """One query per row (decoding), q `[B, Hq, 1, D]`, k/v `[B, Hkv, Tk, D]` -> `[B, Hq, 1, D]`.
@@ -297,8 +360,9 @@ def attend(
         if q.shape[1] != 1:
             raise ValueError(f"the matmul backend serves single-query decoding only, got {q.shape[1]} queries per row")
         return _matmul_single_query(q, k, v, layout.mask, scale)
-    if layout.backend == "varlen":
+    if layout.backend in ("varlen", "per_sequence"):
         if q.shape[0] != 1:
-            raise ValueError(f"the varlen backend needs a packed batch of one row, got {q.shape[0]} rows")
-        return _varlen(q[0], k[0], v[0], layout, scale).unsqueeze(0)
+            raise ValueError(f"the {layout.backend} backend needs a packed batch of one row, got {q.shape[0]} rows")
+        run = _varlen if layout.backend == "varlen" else _per_sequence
+        return run(q[0], k[0], v[0], layout, scale).unsqueeze(0)
     return _sdpa(q, k, v, layout, scale)

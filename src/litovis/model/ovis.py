@@ -75,6 +75,13 @@ class Ovis2_5(nn.Module):
         self.llm.attention_backend = backend
         self.visual_tokenizer.vit.vision_model.attention_backend = backend
 
+    def compile_layers(self, **options: Any) -> None:
+        """`torch.compile` every LLM decoder layer and ViT encoder layer in place (`options` go to
+        `compile`). Layers of one stack share their graphs; the ViT's per-image attention is left
+        out of its graph, so images of new sizes do not recompile it."""
+        for layer in (*self.llm.model.layers, *self.visual_tokenizer.vit.vision_model.encoder.layers):
+            layer.compile(**options)
+
     def visual_tokens(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
         """Probabilistic visual tokens `[atoms, visual_vocab_size]` of the given images."""
         return self.visual_tokenizer(pixel_values, grid_thws)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litovis.model.attention import attend, packed_layout
+from litovis.model.attention import attend, sequences_layout
 from litovis.model.config import ViTConfig
 
 VISION_ROPE_THETA = 10000.0
@@ -62,7 +62,8 @@ class VisionEmbeddings(nn.Module):
     def positions(self, grids: list[tuple[int, int, int]], dtype: torch.dtype) -> torch.Tensor:
         """Position embeddings `[sum t*h*w, hidden]` for every patch, in input order."""
         side = self.config.position_grid
-        table = self.position_embedding.weight.float().reshape(side, side, -1).permute(2, 0, 1)[None]
+        # Channels-first and contiguous: bicubic resizing of the permuted view is ~7x slower on CUDA.
+        table = self.position_embedding.weight.float().reshape(side, side, -1).permute(2, 0, 1).contiguous()[None]
         pieces = []
         for t, h, w in grids:
             resized = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)[0]
@@ -184,9 +185,8 @@ class VisionTransformer(nn.Module):
                              f"{grids} need [{expected_rows}, {row_width}]")
         hidden = self.embeddings(pixel_values, grids)
         frame_lengths = [h * w for t, h, w in grids for _ in range(t)]
-        cu_seqlens = torch.tensor([0] + frame_lengths, device=hidden.device).cumsum(0)
-        layout = packed_layout(cu_seqlens, max(frame_lengths), expected_rows, causal=False,
-                               backend=self.attention_backend, device=hidden.device, dtype=hidden.dtype)
+        layout = sequences_layout(frame_lengths, backend=self.attention_backend, device=hidden.device,
+                                  dtype=hidden.dtype)
         cos, sin = vision_rotary(grids, cfg.head_dim, cfg.hidden_stride, hidden.device)
         for layer in self.encoder.layers:
             hidden = layer(hidden, cos, sin, layout)

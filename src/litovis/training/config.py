@@ -110,7 +110,7 @@ class MemoryConfig:
     Attributes:
         gradient_checkpointing: recompute activations of decoder layers in backward: `true` = all
             LLM layers, `false` = none, an int k = the first k layers (the rest keep activations).
-        compile: `torch.compile` each decoder layer.
+        compile: `torch.compile` each LLM decoder layer and each ViT encoder layer.
         activation_memory_budget: with `compile`, the share (0-1] of a compiled layer's
             activations kept for backward; the compiler recomputes the rest, cheapest ops first,
             dropout masks included. A finer trade than checkpointing whole layers; 1 = keep all.

@@ -83,8 +83,7 @@ def build_finetune_model(
             # masks) too, replayed from their Philox seeds
             functorch_config.activation_memory_budget = memory.activation_memory_budget
             functorch_config.functionalize_rng_ops = next(ovis.parameters()).device.type == "cuda"
-        for layer in ovis.llm.model.layers:
-            layer.compile()
+        ovis.compile_layers()
     if mesh is not None:
         from litovis.training.sharding import fsdp_mesh, materialize_sharded, shard_ovis
 
