@@ -75,32 +75,37 @@ def test_pixel_rows_must_match_the_grids(reference_model: Ovis2_5, expected: dic
         reference_model.visual_tokens(expected["pixel_values"][:-4], expected["grid_thws"])
 
 
-def test_compiled_encoder_layer_is_not_recompiled_per_image_size(reference_model: Ovis2_5) -> None:
-    """The per-image attention CUDA runs is left out of a compiled layer's graph: images of new
-    sizes (other runs, other token counts) reuse the graphs instead of recompiling each time."""
+def test_compiled_encoder_layers_share_graphs_across_layers_and_image_sizes(reference_model: Ovis2_5) -> None:
+    """Compiled layers keep the attention (and its per-image layout) out of their graphs: after two
+    sizes, images of new sizes and other layers reuse the graphs instead of recompiling."""
     from litovis.model.attention import sequences_layout
     from litovis.model.vision import vision_rotary
 
     vit = reference_model.visual_tokenizer.vit.vision_model
-    layer = copy.deepcopy(vit.encoder.layers[0])
-    eager = copy.deepcopy(layer)
+    eager = copy.deepcopy(vit.encoder.layers)
+    layers = copy.deepcopy(vit.encoder.layers)
     torch._dynamo.reset()
-    layer.compile(backend="eager")
+    for layer in layers:
+        layer.compile(backend="eager")
     torch._dynamo.utils.counters.clear()
     gen = torch.Generator().manual_seed(0)
     layouts = ([(1, 4, 4), (1, 4, 4)], [(1, 2, 6)], [(1, 6, 6), (1, 2, 2), (1, 2, 2)], [(2, 4, 2)], [(1, 8, 2)])
     try:
         for index, grids in enumerate(layouts):
             if index == 2:  # the first two sizes warm up (the second makes the token count dynamic)
+                warm_up = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 torch._dynamo.utils.counters.clear()
             lengths = [h * w for t, h, w in grids for _ in range(t)]
             # the layout CUDA would use (building it makes no tensor), run here on CPU
             layout = sequences_layout(lengths, backend="auto", device=torch.device("cuda"), dtype=torch.bfloat16)
-            hidden = torch.randn(sum(lengths), vit.config.hidden_size, generator=gen)
+            hidden = expected = torch.randn(sum(lengths), vit.config.hidden_size, generator=gen)
             cos, sin = vision_rotary(grids, vit.config.head_dim, vit.config.hidden_stride, hidden.device)
             with torch.no_grad():
-                torch.testing.assert_close(layer(hidden, cos, sin, layout), eager(hidden, cos, sin, layout))
+                for layer, reference in zip(layers, eager, strict=True):
+                    hidden, expected = layer(hidden, cos, sin, layout), reference(expected, cos, sin, layout)
+            torch.testing.assert_close(hidden, expected)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
+    assert 0 < warm_up <= 4, f"{warm_up} graphs for {len(layers)} layers: one per layer, not shared"
     assert graphs == 0, f"{graphs} graphs compiled for new image sizes after the warm-up"

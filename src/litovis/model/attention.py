@@ -284,7 +284,6 @@ _SEQUENCE_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                      SDPBackend.MATH]
 
 
-@torch.compiler.disable  # a compiled caller breaks its graph here instead of specialising on the runs
 def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
     """q `[T, Hq, D]`, k/v `[T, Hkv, D]` -> `[T, Hq, D]`: bidirectional SDPA over each run of equal-length sequences."""
     covered = sum(count * length for _, count, length in layout.runs)
@@ -304,7 +303,8 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Att
             out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=scale,
                                                  enable_gqa=groups > 1 and sdpa_native_gqa(q.device))
             outputs.append(out.transpose(1, 2).flatten(0, 1))
-    return torch.cat(outputs)  # a new contiguous tensor even for one run, never a view
+    # Always a new contiguous tensor, even for one run: a compiled consumer then sees one layout.
+    return torch.cat(outputs)
 
 
 def _sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -77,8 +77,8 @@ class Ovis2_5(nn.Module):
 
     def compile_layers(self, **options: Any) -> None:
         """`torch.compile` every LLM decoder layer and ViT encoder layer in place (`options` go to
-        `compile`). Layers of one stack share their graphs; the ViT's per-image attention is left
-        out of its graph, so images of new sizes do not recompile it."""
+        `compile`). Layers of one stack share their graphs; the ViT's attention stays eager, so
+        images of new sizes do not recompile it (`VisionEncoderLayer.compile`)."""
         for layer in (*self.llm.model.layers, *self.visual_tokenizer.vit.vision_model.encoder.layers):
             layer.compile(**options)
 

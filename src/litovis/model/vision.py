@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litovis.model.attention import attend, sequences_layout
+from litovis.model.attention import AttentionLayout, attend, sequences_layout
 from litovis.model.config import ViTConfig
 
 VISION_ROPE_THETA = 10000.0
@@ -116,14 +116,12 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(size, size)
         self.out_proj = nn.Linear(size, size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout) -> torch.Tensor:
-        length = x.shape[0]
-        shape = (length, self.num_heads, self.head_dim)
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries, rotated keys and values `[N, heads, head_dim]` of normed inputs `[N, hidden]`."""
+        shape = (x.shape[0], self.num_heads, self.head_dim)
         q = _rotate(self.q_proj(x).view(shape), cos, sin)
         k = _rotate(self.k_proj(x).view(shape), cos, sin)
-        v = self.v_proj(x).view(shape)
-        out = attend(q[None], k[None], v[None], layout)[0]
-        return self.out_proj(out.reshape(length, -1))
+        return q, k, self.v_proj(x).view(shape)
 
 
 class VisionMLP(nn.Module):
@@ -138,6 +136,16 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def _before_attention(layer: VisionEncoderLayer, x: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer.self_attn.project(layer.layer_norm1(x), cos, sin)
+
+
+def _after_attention(layer: VisionEncoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    x = x + layer.self_attn.out_proj(attended.reshape(x.shape[0], -1))
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
 class VisionEncoderLayer(nn.Module):
     """Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
@@ -147,10 +155,22 @@ class VisionEncoderLayer(nn.Module):
         self.self_attn = VisionAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
+        self._before, self._after = _before_attention, _after_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), cos, sin, layout)
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        q, k, v = self._before(self, x, cos, sin)
+        attended = attend(q[None], k[None], v[None], layout)[0]
+        return self._after(self, x, attended)
+
+    def compile(self, *args, **kwargs) -> None:
+        """`torch.compile` the work before and after the attention, not the attention itself.
+
+        Its layout lists the images (the per-image runs on CUDA): a compiled graph would be
+        specialised on it and recompiled for images of new sizes. Every layer shares the two
+        graphs (the layer is an argument, not a constant).
+        """
+        self._before = torch.compile(_before_attention, *args, **kwargs)
+        self._after = torch.compile(_after_attention, *args, **kwargs)
 
 
 class VisionEncoder(nn.Module):
