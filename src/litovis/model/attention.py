@@ -295,12 +295,10 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Att
     outputs = []
     with sdpa_kernel(_SEQUENCE_KERNELS, set_priority=True):
         for start, count, length in layout.runs:
-            end = start + count * length
-
-            def heads_first(x: torch.Tensor) -> torch.Tensor:
-                return x[start:end].unflatten(0, (count, length)).transpose(1, 2)
-
-            out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=scale,
+            # [count * length, H, D] -> [count, H, length, D], a view
+            q_run, k_run, v_run = (x[start:start + count * length].unflatten(0, (count, length)).transpose(1, 2)
+                                   for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q_run, k_run, v_run, scale=scale,
                                                  enable_gqa=groups > 1 and sdpa_native_gqa(q.device))
             outputs.append(out.transpose(1, 2).flatten(0, 1))
     # Always a new contiguous tensor, even for one run: a compiled consumer then sees one layout.
