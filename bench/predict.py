@@ -14,6 +14,11 @@ to the 2,493-row test set (ceil(2493 / batch) batches x s/batch). Run by hand on
     PYTHONPATH=src python bench/predict.py --batch-sizes 64,128 --no-baseline
     PYTHONPATH=src python bench/predict.py --small                  # tiny preset; runs on CPU
 
+`--answer-limit N` sizes the KV cache for N new tokens (as `max_new_tokens: 4096` in
+configs/ovis2_5-9b/predict.yaml does) while still decoding `--new-tokens` steps: what a real run
+pays when answers stop long before the limit. `--attend-multiple` is the decode attention's
+length step (`DecodeOptions.attend_multiple`; a huge value attends over the whole cache).
+
 Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares its
 greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
 near-flat logits, so full-row agreement is informative, not a pass/fail).
@@ -138,7 +143,8 @@ def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = FastGenerator(model, config, options)
-    generator.generate(prompts[:batch])  # warm-up: allocation, graph capture, compile
+    generator.prefill(prompts[:batch])  # warm-up: allocation, graph capture, compile
+    generator.decode(max_steps=config.min_new_tokens - 1)
     seconds, prefill, decode_ms, flops = [], [], [], 0.0
     new_tokens = 0
     for start in range(0, len(prompts), batch):
@@ -149,7 +155,7 @@ def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int
         generator.prefill(chunk)
         synchronize(device)
         prefilled = time.perf_counter()
-        outputs = generator.decode()  # ends with a copy to the host
+        outputs = generator.decode(max_steps=config.min_new_tokens - 1)  # ends with a copy to the host
         ended = time.perf_counter()
         seconds.append(ended - began)
         prefill.append(prefilled - began)
@@ -265,6 +271,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (default 1940; --small: 64)")
     parser.add_argument("--image-side", type=int, default=None, help="image side in px (default 1280; --small: 64)")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--answer-limit", type=int, default=None,
+                        help="max_new_tokens the cache is sized for (default: --new-tokens); no baseline then")
+    parser.add_argument("--attend-multiple", type=int, default=DecodeOptions.attend_multiple)
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--sync-every", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -291,11 +300,17 @@ def main() -> None:
     if args.compile:
         model.compile_layers()
     eos = eos_ids(vocab)
-    config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_ids=eos,
+    limit = args.answer_limit or args.new_tokens
+    if limit < args.new_tokens:
+        raise SystemExit("--answer-limit must be at least --new-tokens")
+    if limit > args.new_tokens and not args.no_baseline:
+        raise SystemExit("--answer-limit needs --no-baseline (transformers would decode to the limit)")
+    config = GenerationConfig(max_new_tokens=limit, min_new_tokens=args.new_tokens, eos_token_ids=eos,
                               pad_token_id=eos[1])
     variants = args.decode_attention.split(",")
     options = {name: DecodeOptions(max_prefill_tokens=args.max_prefill_tokens, sync_every=args.sync_every,
-                                   cuda_graphs=args.cuda_graphs, decode_attention=name)
+                                   cuda_graphs=args.cuda_graphs, decode_attention=name,
+                                   attend_multiple=args.attend_multiple)
                for name in variants}
     for variant in options.values():
         variant.validate()
@@ -308,7 +323,8 @@ def main() -> None:
     if device.type == "cuda":
         print(f"bf16 matmul peak: {measure_matmul_tflops(device):.0f} TFLOP/s")
     print(f"prompts: {tokens} tokens, every other row one {side}x{side} image ({atoms} atoms); "
-          f"{args.new_tokens} new tokens forced; projection: {TEST_ROWS} rows\n")
+          f"{args.new_tokens} new tokens forced; KV cache for {limit} new tokens, attended in steps of "
+          f"{args.attend_multiple} slots; projection: {TEST_ROWS} rows\n")
 
     hf = None if args.no_baseline else transformers_llm(model, device)
     if hf is not None:  # transformers' own warm-up (kernels, allocator)

@@ -13,6 +13,7 @@ from litovis.model.decoding import (
     EncodedPrompt,
     FastGenerator,
     RowKVCache,
+    StaticDecoder,
     bucket_size,
     check_prompt,
     decode_logits,
@@ -89,8 +90,8 @@ def _config(**kwargs) -> GenerationConfig:
 
 
 # Chunks of at most 12 prompt tokens (the 23-token prompt runs alone), 5 rows padded to 8, a cache
-# length rounded to 16.
-SMALL_CHUNKS = DecodeOptions(max_prefill_tokens=12, batch_buckets=(2, 8), cache_multiple=16)
+# length rounded to 16, decode steps attending over 4, 8, 12... slots as positions advance.
+SMALL_CHUNKS = DecodeOptions(max_prefill_tokens=12, batch_buckets=(2, 8), cache_multiple=16, attend_multiple=4)
 
 
 @pytest.mark.parametrize("options", [DecodeOptions(), SMALL_CHUNKS, DecodeOptions(decode_attention="matmul")],
@@ -254,18 +255,24 @@ def test_packed_prefill_logits_and_cache_equal_per_prompt_forwards(tiny_model_f6
     assert (cache.keys[0][[1, 3, 4]] == 0).all(), "rows not in the prefill stay untouched"
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["whole-cache", "cache-prefix"])
 @pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 def test_one_decode_step_equals_the_forward_of_the_extended_prompt(tiny_model_f64: Ovis2_5,
-                                                                   prompts: list[EncodedPrompt], attention: str) -> None:
-    """The captured function itself, eagerly: its logits are the full forward's last logits."""
+                                                                   prompts: list[EncodedPrompt], attention: str,
+                                                                   prefix: bool) -> None:
+    """The captured function itself, eagerly: its logits are the full forward's last logits, whether
+    it attends over the whole cache or only over the slots up to the furthest position."""
     llm = tiny_model_f64.llm
     cache = RowKVCache(llm.config, 3, 40, torch.float64, torch.device("cpu"))
     chosen = [prompts[4], prompts[0], prompts[3]]
     lengths = torch.tensor([p.input_ids.numel() for p in chosen])
     new = torch.tensor([7, 300, 42])
+    length = int(lengths.max()) + 1 if prefix else None
     with torch.no_grad():
         packed_prefill(tiny_model_f64, chosen, cache, [0, 1, 2])
-        logits = decode_logits(llm, cache, new, lengths.clone(), torch.arange(3), torch.arange(40), attention)
+        logits = decode_logits(llm, cache, new, lengths.clone(), torch.arange(3), torch.arange(40), attention, length)
+        # the new keys landed in the cache itself, at each row's position
+        assert all(cache.keys[0][row, :, int(lengths[row])].abs().sum() > 0 for row in range(3))
         for row, prompt in enumerate(chosen):
             ids = torch.cat([prompt.input_ids, new[row:row + 1]])[None]
             expected = tiny_model_f64(ids, prompt.pixel_values, prompt.grid_thws).logits[0, -1]
@@ -282,6 +289,13 @@ def test_mismatched_images_name_the_prompt(tiny_model_f64: Ovis2_5, prompts: lis
         check_prompt(EncodedPrompt(torch.tensor([], dtype=torch.long)), 3)
 
 
+def test_attended_lengths_cover_every_position(tiny_model_f64: Ovis2_5) -> None:
+    options = DecodeOptions(attend_multiple=16, cuda_graphs=False)
+    decoder = StaticDecoder(tiny_model_f64, _config(), 2, 40, options)
+    assert decoder.lengths == [16, 32, 40]
+    assert [decoder.length_for(p) for p in (0, 15, 16, 31, 32, 39)] == [16, 16, 32, 32, 40, 40]
+
+
 def test_bucket_size() -> None:
     assert bucket_size(5, (2, 8, 16)) == 8
     assert bucket_size(8, (2, 8, 16)) == 8
@@ -290,7 +304,7 @@ def test_bucket_size() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(max_prefill_tokens=0), dict(batch_buckets=()), dict(cache_multiple=0),
-                                 dict(sync_every=-1), dict(decode_attention="flash")])
+                                 dict(attend_multiple=0), dict(sync_every=-1), dict(decode_attention="flash")])
 def test_invalid_options_raise(bad: dict) -> None:
     with pytest.raises(ValueError):
         DecodeOptions(**bad).validate()

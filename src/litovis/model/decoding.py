@@ -7,12 +7,15 @@ One batch of encoded prompts goes through two phases:
   most `max_prefill_tokens` whole prompts. The vision tower runs once per image, inside the
   chunk that holds it. Every layer scatters each prompt's keys/values into its row of the cache,
   slot = position, and only the last position of each prompt reaches the output projection.
-- **Decode with static shapes.** One token per row against the whole cache `[B, kv_heads, S, D]`,
-  with a per-row mask `slot <= position` and in-place cache writes at each row's position.
+- **Decode with static shapes.** One token per row against the cache `[B, kv_heads, S, D]`, with
+  a per-row mask `slot <= position` and in-place cache writes at each row's position. A step
+  attends over the first slots only, up to the batch's furthest position rounded up to
+  `attend_multiple`: the cache is sized for `max_new_tokens`, but rows mostly stop far earlier, and
+  reading empty slots is what a decode step's attention would spend most of its time on.
   Batch and cache length are padded to buckets (padding rows are inactive and only ever emit
   pad); the step (embedding, layers, head, `TokenSelector.advance`) reads and writes fixed
-  buffers only, so on CUDA it is captured once per (batch bucket, cache length) in a
-  `torch.cuda.CUDAGraph` and replayed. The host syncs only every `sync_every` steps, to stop
+  buffers only, so on CUDA it is captured once per (batch bucket, cache length, attended length)
+  in a `torch.cuda.CUDAGraph` and replayed. The host syncs only every `sync_every` steps, to stop
   once every row has finished; finished rows keep running harmlessly until then. Attention
   over the cache folds the query heads of each K/V head into one query block (no K/V repeat),
   through SDPA's fused kernel or two batched matmuls (`decode_attention`).
@@ -76,6 +79,9 @@ class DecodeOptions:
     """Batch sizes a batch is padded up to (larger batches run at their own size)."""
     cache_multiple: int = 128
     """Cache length (longest prompt + max_new_tokens) is rounded up to a multiple of this."""
+    attend_multiple: int = 256
+    """A decode step attends over the cache's first slots, the furthest position rounded up to a
+    multiple of this (one captured graph per length)."""
     sync_every: int = 16
     """Decode steps between checks whether every row has finished (0 = never check)."""
     cuda_graphs: bool = True
@@ -91,6 +97,8 @@ class DecodeOptions:
             raise ValueError(f"batch_buckets must be positive sizes, got {self.batch_buckets}")
         if self.cache_multiple < 1:
             raise ValueError(f"cache_multiple must be >= 1, got {self.cache_multiple}")
+        if self.attend_multiple < 1:
+            raise ValueError(f"attend_multiple must be >= 1, got {self.attend_multiple}")
         if self.sync_every < 0:
             raise ValueError(f"sync_every must be >= 0, got {self.sync_every}")
         if self.decode_attention not in ("sdpa", "matmul"):
@@ -137,6 +145,14 @@ class RowKVCache:
 
     def layer(self, index: int) -> RowLayerKV:
         return RowLayerKV(self.keys[index], self.values[index])
+
+    def prefix(self, length: int) -> RowKVCache:
+        """The same buffers seen through their first `length` slots (views: writes land in the cache)."""
+        view = object.__new__(RowKVCache)
+        view.keys = [k[:, :, :length] for k in self.keys]
+        view.values = [v[:, :, :length] for v in self.values]
+        view.batch, view.max_len = self.batch, length
+        return view
 
 
 class RowLayerKV:
@@ -194,11 +210,15 @@ def packed_prefill(model: Ovis2_5, prompts: Sequence[PromptInputs], cache: RowKV
 
 
 def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                  rows: torch.Tensor, slot_ids: torch.Tensor, attention: str = "sdpa") -> torch.Tensor:
+                  rows: torch.Tensor, slot_ids: torch.Tensor, attention: str = "sdpa",
+                  length: int | None = None) -> torch.Tensor:
     """Logits `[B, V]` of one decode step: token b at position (= cache slot) `positions[b]`.
 
-    `attention` is the attention backend over the cache (`"sdpa"` or `"matmul"`).
+    `attention` is the attention backend over the cache (`"sdpa"` or `"matmul"`); the step attends
+    over the first `length` slots (default: all), which must hold every position.
     """
+    if length is not None:
+        cache, slot_ids = cache.prefix(length), slot_ids[:length]
     hidden = llm.model.embed_tokens(tokens[:, None])
     mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
     layout = AttentionLayout(causal=True, backend=attention, mask=mask)
@@ -210,7 +230,8 @@ def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor
 class StaticDecoder:
     """Fixed buffers for one (batch, cache length): the cache, the selector, positions, the step.
 
-    `step()` runs one decode step: replaying its CUDA graph when captured, eagerly otherwise.
+    `step(length)` runs one decode step attending over the first `length` slots (one of
+    `lengths`): replaying that length's CUDA graph when captured, eagerly otherwise.
     """
 
     def __init__(self, model: Ovis2_5, config: GenerationConfig, batch: int, max_len: int,
@@ -226,43 +247,56 @@ class StaticDecoder:
         self.slot_ids = torch.arange(max_len, device=device)
         self.logits = torch.zeros(batch, llm.config.vocab_size, dtype=torch.float32, device=device)
         self.attention = options.decode_attention
-        self.graph: torch.cuda.CUDAGraph | None = None
+        multiple = options.attend_multiple
+        self.lengths = sorted({min(k * multiple, max_len) for k in range(1, -(-max_len // multiple) + 1)})
+        """The attended lengths: multiples of `attend_multiple` and the whole cache."""
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if options.cuda_graphs and device.type == "cuda":
             self._capture()
 
-    def _eager_step(self) -> None:
+    def length_for(self, position: int) -> int:
+        """The attended length of a step whose furthest row writes cache slot `position`."""
+        return next(length for length in self.lengths if length > position)
+
+    def _eager_step(self, length: int) -> None:
         logits = decode_logits(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
-                               self.attention)
+                               self.attention, length)
         self.selector.advance(logits)
         self.positions.add_(1)
 
     @torch.no_grad()
     def _capture(self) -> None:
-        """Warm up on a side stream, then capture one step; the buffers are reset before use."""
-        self.selector.reset(torch.zeros_like(self.selector.unfinished))
-        self.positions.zero_()
+        """Per attended length, warm up on a side stream (a compiled layer meets the shape there),
+        then capture one step; the graphs share one memory pool (they never run at once and keep
+        no outputs). The buffers are reset before use."""
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._eager_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._eager_step()
-        except RuntimeError as err:
-            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
-                               "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
-        self.graph = graph
+        pool = None
+        for index, length in enumerate(self.lengths):
+            self.selector.reset(torch.zeros_like(self.selector.unfinished))
+            self.positions.zero_()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3 if index == 0 else 1):
+                    self._eager_step(length)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    self._eager_step(length)
+            except RuntimeError as err:
+                raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
+                                   "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
+            pool = graph.pool()
+            self.graphs[length] = graph
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One decode step on the current buffers."""
-        if self.graph is not None:
-            self.graph.replay()
+    def step(self, length: int) -> None:
+        """One decode step on the current buffers, attending over the first `length` slots."""
+        graph = self.graphs.get(length)
+        if graph is not None:
+            graph.replay()
         else:
-            self._eager_step()
+            self._eager_step(length)
 
 
 class FastGenerator:
@@ -285,6 +319,7 @@ class FastGenerator:
         self._decoder: StaticDecoder | None = None
         self._shape: tuple[int, int] | None = None
         self._count = 0
+        self._longest = 0
         self.decode_steps = 0
         """Decode steps run so far (for throughput reports)."""
 
@@ -339,10 +374,12 @@ class FastGenerator:
         decoder.positions[:count] = torch.tensor(lengths, device=decoder.positions.device)
         selector.advance(decoder.logits)
         self._count = count
+        self._longest = max(lengths)
 
     @torch.no_grad()
-    def decode(self) -> list[torch.Tensor]:
-        """Second phase of `generate`: decode the prefilled batch to the end; new tokens per prompt."""
+    def decode(self, max_steps: int | None = None) -> list[torch.Tensor]:
+        """Second phase of `generate`: decode the prefilled batch to the end (or for at most
+        `max_steps` steps, for benchmarks); new tokens per prompt."""
         decoder, count, config = self._decoder, self._count, self.config
         if decoder is None or count == 0:
             raise RuntimeError("decode() needs a prefill() first")
@@ -350,10 +387,12 @@ class FastGenerator:
         every = self.options.sync_every
         # No row can stop before min_new_tokens: checking earlier would only stall the GPU.
         can_stop = not config.ignore_eos and every > 0
-        for step in range(1, config.max_new_tokens):
+        last = config.max_new_tokens if max_steps is None else min(config.max_new_tokens, max_steps + 1)
+        for step in range(1, last):
             if can_stop and step % every == 0 and step > config.min_new_tokens and not bool(selector.unfinished.any()):
                 break
-            decoder.step()
+            # every row advances one slot per step: the longest prompt's row is the furthest
+            decoder.step(decoder.length_for(self._longest + step - 1))
             self.decode_steps += 1
         self._count = 0
         produced = selector.lengths[:count].cpu()
