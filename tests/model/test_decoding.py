@@ -12,7 +12,6 @@ from litovis.model.decoding import (
     DecodeOptions,
     EncodedPrompt,
     FastGenerator,
-    RowKVCache,
     StaticDecoder,
     bucket_size,
     check_prompt,
@@ -23,6 +22,7 @@ from litovis.model.generation import GenerationConfig, generate
 from litovis.model.ovis import Ovis2_5
 from litovis.model.presets import preset
 from litovis.model.qwen3 import apply_rotary, rotary_cos_sin
+from litovis.model.row_kv_cache import RowKVCache
 from litovis.model.scheduling import BatchBudget, plan_batches
 
 PAD = 0
@@ -219,6 +219,33 @@ def test_a_rows_tokens_do_not_depend_on_its_batch(tiny_model_f64: Ovis2_5, promp
     one_by_one = _by_row(FastGenerator(tiny_model_f64, config, SMALL_CHUNKS), prompts, [[i] for i in range(len(prompts))])
     all_at_once = _by_row(FastGenerator(tiny_model_f64, config, SMALL_CHUNKS), prompts, [list(range(len(prompts)))])
     assert one_by_one == all_at_once
+
+
+def test_a_batch_out_of_gpu_memory_is_generated_in_halves(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt],
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Decoders of more than 2 rows 'run out of memory': the batch is split, rows keep their
+    tokens (sampling included), and the same batch again is split up front, without a retry."""
+    config = _config(do_sample=True, temperature=1.5, seed=4, max_new_tokens=6)
+    options = dataclasses.replace(SMALL_CHUNKS, batch_buckets=(1, 2, 4, 8))
+    expected = fast(tiny_model_f64, prompts, config, options)
+    real_init, failures = StaticDecoder.__init__, []
+
+    def init(self, model, config, batch, max_len, options) -> None:
+        if batch > 2:
+            failures.append(batch)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        real_init(self, model, config, batch, max_len, options)
+
+    monkeypatch.setattr(StaticDecoder, "__init__", init)
+    generator = FastGenerator(tiny_model_f64, config, options)
+    with caplog.at_level("WARNING", logger="litovis.model.decoding"):
+        first = pad_results(generator.generate(prompts), config.pad_token_id)
+    assert torch.equal(first, expected)
+    assert failures and "ran out of GPU memory; generating it in halves" in caplog.text
+    tried = len(failures)
+    again = pad_results(generator.generate(prompts), config.pad_token_id)
+    assert torch.equal(again, expected) and len(failures) == tried
 
 
 def test_an_unset_seed_is_drawn_once_per_generator(tiny_model_f64: Ovis2_5, prompts: list[EncodedPrompt]) -> None:

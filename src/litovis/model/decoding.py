@@ -28,6 +28,7 @@ the warm-up steps before the capture.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
@@ -35,13 +36,15 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from litovis.model.attention import AttentionLayout, packed_layout
-from litovis.model.config import LLMConfig
 from litovis.model.generation import GenerationConfig, TokenSelector, thinking_closed
+from litovis.model.row_kv_cache import CacheWrite, RowKVCache
 from litovis.model.tokens import IMAGE_START_ID, VISUAL_ATOM_ID
 
 if TYPE_CHECKING:
     from litovis.model.ovis import Ovis2_5
     from litovis.model.qwen3 import Qwen3ForCausalLM
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -126,61 +129,6 @@ def check_prompt(prompt: PromptInputs, index: int, hidden_stride: int = 2) -> No
     if spans != images or atoms != image_atoms:
         raise ValueError(f"prompt {index}: {spans} image spans with {atoms} visual atoms in input_ids, but "
                          f"{images} images with {image_atoms} atoms given")
-
-
-class RowKVCache:
-    """Keys/values per layer `[B, kv_heads, max_len, head_dim]`; row b's token at position p sits in slot p.
-
-    A layer's `update` writes at the `CacheWrite` coordinates; what it returns depends on the phase: the
-    packed prefill attends among its own new keys/values, a decode step attends over the cache.
-    """
-
-    def __init__(self, config: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        # Zeros, not empty: masked slots are still multiplied by zero weights, so they must be finite.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.batch = batch
-        self.max_len = max_len
-
-    def layer(self, index: int) -> RowLayerKV:
-        return RowLayerKV(self.keys[index], self.values[index])
-
-    def prefix(self, length: int) -> RowKVCache:
-        """The same buffers seen through their first `length` slots (views: writes land in the cache)."""
-        view = object.__new__(RowKVCache)
-        view.keys = [k[:, :, :length] for k in self.keys]
-        view.values = [v[:, :, :length] for v in self.values]
-        view.batch, view.max_len = self.batch, length
-        return view
-
-
-class RowLayerKV:
-    """One layer's `RowKVCache` buffers."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, write: CacheWrite) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v `[B', T, kv_heads, D]` (flattened in order) at `write`'s (row, slot) pairs."""
-        heads, dim = k.shape[-2:]
-        self.keys[write.rows, :, write.slots] = k.reshape(-1, heads, dim).to(self.keys.dtype)
-        self.values[write.rows, :, write.slots] = v.reshape(-1, heads, dim).to(self.values.dtype)
-        if write.attend_cache:
-            return self.keys.transpose(1, 2), self.values.transpose(1, 2)
-        return k, v
-
-
-@dataclass(frozen=True)
-class CacheWrite:
-    """Where the new keys/values of one forward go in a `RowKVCache`."""
-
-    rows: torch.Tensor
-    """`[N]` cache row of each new token."""
-    slots: torch.Tensor
-    """`[N]` cache slot (= position) of each new token."""
-    attend_cache: bool
-    """True: the queries attend over the whole cache (decode); False: only among the new tokens."""
 
 
 @torch.no_grad()
@@ -283,6 +231,8 @@ class StaticDecoder:
             try:
                 with torch.cuda.graph(graph, pool=pool):
                     self._eager_step(length)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller may retry with fewer rows
             except RuntimeError as err:
                 raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
                                    "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
@@ -320,8 +270,13 @@ class FastGenerator:
         self._shape: tuple[int, int] | None = None
         self._count = 0
         self._longest = 0
+        self._fitting_rows: dict[int, int] = {}  # cache length -> most rows not known to run out of memory
         self.decode_steps = 0
         """Decode steps run so far (for throughput reports)."""
+
+    def _cache_length(self, lengths: Sequence[int]) -> int:
+        multiple = self.options.cache_multiple
+        return -(-(max(lengths) + self.config.max_new_tokens) // multiple) * multiple
 
     def _decoder_for(self, batch: int, max_len: int) -> StaticDecoder:
         if self._shape != (batch, max_len):
@@ -334,12 +289,34 @@ class FastGenerator:
     def generate(self, prompts: Sequence[PromptInputs], row_keys: Sequence[int] | None = None) -> list[torch.Tensor]:
         """New tokens per prompt (CPU long tensors, eos included when produced).
 
-        `row_keys` key each row's sampling draws (default: the row index in `prompts`).
+        `row_keys` key each row's sampling draws (default: the row index in `prompts`). A batch
+        that runs out of GPU memory (its KV cache is sized for `max_new_tokens`) is generated in
+        halves, with a warning; its rows' tokens are the same either way.
         """
         if not prompts:
             return []
-        self.prefill(prompts, row_keys)
+        keys = list(range(len(prompts))) if row_keys is None else [int(key) for key in row_keys]
+        rows = len(prompts)
+        max_len = self._cache_length([int(p.input_ids.numel()) for p in prompts])
+        if rows > self._fitting_rows.get(max_len, rows):
+            return self._generate_halves(prompts, keys)
+        try:
+            self.prefill(prompts, keys)
+        except torch.cuda.OutOfMemoryError:
+            if rows == 1:
+                raise
+            self._decoder, self._shape = None, None
+            torch.cuda.empty_cache()
+            self._fitting_rows[max_len] = rows - 1
+            log.warning("a generation batch of %d prompts (a KV cache of %d positions) ran out of GPU memory; "
+                        "generating it in halves. A smaller data.batching.predict_batch_size or "
+                        "model.predict.max_new_tokens avoids the retry.", rows, max_len)
+            return self._generate_halves(prompts, keys)
         return self.decode()
+
+    def _generate_halves(self, prompts: Sequence[PromptInputs], keys: list[int]) -> list[torch.Tensor]:
+        half = (len(prompts) + 1) // 2
+        return self.generate(prompts[:half], keys[:half]) + self.generate(prompts[half:], keys[half:])
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[PromptInputs], row_keys: Sequence[int] | None = None) -> None:
@@ -352,9 +329,7 @@ class FastGenerator:
         config, options = self.config, self.options
         lengths = [int(p.input_ids.numel()) for p in prompts]
         count = len(prompts)
-        multiple = options.cache_multiple
-        max_len = -(-(max(lengths) + config.max_new_tokens) // multiple) * multiple
-        decoder = self._decoder_for(bucket_size(count, options.batch_buckets), max_len)
+        decoder = self._decoder_for(bucket_size(count, options.batch_buckets), self._cache_length(lengths))
         selector = decoder.selector
 
         active = torch.zeros(selector.unfinished.shape[0], dtype=torch.bool)
