@@ -183,6 +183,23 @@ def test_a_reused_decoder_gives_what_a_fresh_one_gives(tiny_model_f64: Ovis2_5, 
     assert torch.equal(second, reference(tiny_model_f64, prompts[1:], _config()))
 
 
+def test_a_decoder_with_a_longer_cache_serves_shorter_batches(tiny_model_f64: Ovis2_5,
+                                                              prompts: list[EncodedPrompt]) -> None:
+    """Batches come longest first: a later batch that fits in the cache reuses the decoder (and its
+    graphs); one that does not gets a new decoder."""
+    generator = FastGenerator(tiny_model_f64, _config(), SMALL_CHUNKS)
+    longest, short, long_again = [prompts[0], prompts[4]], [prompts[3], prompts[2]], [prompts[4], prompts[1]]
+    first = pad_results(generator.generate(longest), PAD)
+    decoder = generator._decoder
+    second = pad_results(generator.generate(short), PAD)  # cache of 16 slots would do; 32 are there
+    assert generator._decoder is decoder
+    generator.generate([make_prompt(torch.Generator().manual_seed(2), 40), prompts[1]])
+    assert generator._decoder is not decoder
+    third = pad_results(generator.generate(long_again), PAD)
+    for got, batch in ((first, longest), (second, short), (third, long_again)):
+        assert torch.equal(got, reference(tiny_model_f64, batch, _config()))
+
+
 def _alone(model: Ovis2_5, prompt: EncodedPrompt, config: GenerationConfig, key: int) -> list[int]:
     """The eager reference on one prompt, trimmed after its eos."""
     out = generate(model, prompt.input_ids[None], None, prompt.pixel_values, prompt.grid_thws, config,

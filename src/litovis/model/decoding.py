@@ -15,7 +15,8 @@ One batch of encoded prompts goes through two phases:
   Batch and cache length are padded to buckets (padding rows are inactive and only ever emit
   pad); the step (embedding, layers, head, `TokenSelector.advance`) reads and writes fixed
   buffers only, so on CUDA it is captured once per (batch bucket, cache length, attended length)
-  in a `torch.cuda.CUDAGraph` and replayed. The host syncs only every `sync_every` steps, to stop
+  in a `torch.cuda.CUDAGraph` and replayed; a decoder serves every later batch whose cache fits in
+  its own. The host syncs only every `sync_every` steps, to stop
   once every row has finished; finished rows keep running harmlessly until then. Attention
   over the cache folds the query heads of each K/V head into one query block (no K/V repeat),
   through SDPA's fused kernel or two batched matmuls (`decode_attention`).
@@ -23,11 +24,12 @@ One batch of encoded prompts goes through two phases:
 On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
 the eager reference `litovis.model.generation.generate`. Decoder layers compiled in place
 (`layer.compile()`, as training does) serve both phases; their first call per shape happens in
-the warm-up steps before the capture.
+an eager step before the capture.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -179,7 +181,10 @@ class StaticDecoder:
     """Fixed buffers for one (batch, cache length): the cache, the selector, positions, the step.
 
     `step(length)` runs one decode step attending over the first `length` slots (one of
-    `lengths`): replaying that length's CUDA graph when captured, eagerly otherwise.
+    `lengths`). On CUDA each length's step is captured in a CUDA graph the first time it is needed,
+    right after running that step eagerly (which also meets a compiled layer's new shape outside
+    the capture), and replayed from then on; the graphs share one memory pool (they never run at
+    once and keep no outputs).
     """
 
     def __init__(self, model: Ovis2_5, config: GenerationConfig, batch: int, max_len: int,
@@ -199,8 +204,10 @@ class StaticDecoder:
         self.lengths = sorted({min(k * multiple, max_len) for k in range(1, -(-max_len // multiple) + 1)})
         """The attended lengths: multiples of `attend_multiple` and the whole cache."""
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if options.cuda_graphs and device.type == "cuda":
-            self._capture()
+        self._pool = None
+        self._graphed = options.cuda_graphs and device.type == "cuda"
+        if self._graphed:
+            self._warm_up()
 
     def length_for(self, position: int) -> int:
         """The attended length of a step whose furthest row writes cache slot `position`."""
@@ -213,31 +220,29 @@ class StaticDecoder:
         self.positions.add_(1)
 
     @torch.no_grad()
-    def _capture(self) -> None:
-        """Per attended length, warm up on a side stream (a compiled layer meets the shape there),
-        then capture one step; the graphs share one memory pool (they never run at once and keep
-        no outputs). The buffers are reset before use."""
+    def _warm_up(self) -> None:
+        """A few eager steps on a side stream before the first capture; the buffers are reset before use."""
+        self.selector.reset(torch.zeros_like(self.selector.unfinished))
+        self.positions.zero_()
         stream = torch.cuda.Stream()
-        pool = None
-        for index, length in enumerate(self.lengths):
-            self.selector.reset(torch.zeros_like(self.selector.unfinished))
-            self.positions.zero_()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3 if index == 0 else 1):
-                    self._eager_step(length)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, pool=pool):
-                    self._eager_step(length)
-            except torch.cuda.OutOfMemoryError:
-                raise  # the caller may retry with fewer rows
-            except RuntimeError as err:
-                raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
-                                   "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
-            pool = graph.pool()
-            self.graphs[length] = graph
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._eager_step(self.lengths[0])
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def _capture(self, length: int) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._eager_step(length)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller may retry with fewer rows
+        except RuntimeError as err:
+            raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
+                               "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
+        self._pool = graph.pool()
+        self.graphs[length] = graph
 
     @torch.no_grad()
     def step(self, length: int) -> None:
@@ -245,15 +250,17 @@ class StaticDecoder:
         graph = self.graphs.get(length)
         if graph is not None:
             graph.replay()
-        else:
-            self._eager_step(length)
+            return
+        self._eager_step(length)
+        if self._graphed:
+            self._capture(length)  # records the next steps of this length; runs nothing now
 
 
 class FastGenerator:
     """Generates new tokens for batches of encoded prompts (see the module docstring).
 
-    Keeps the `StaticDecoder` (cache and captured graph) of the last batch shape and reuses it
-    while batches keep that shape. A sampling seed left unset is drawn once, here, so that every
+    Keeps the `StaticDecoder` (cache and captured graphs) of the last batch and reuses it while
+    batches have its batch bucket and fit its cache. A sampling seed left unset is drawn once, here, so that every
     batch shape's selector shares it and a row's draws do not depend on its batch.
     """
 
@@ -279,7 +286,8 @@ class FastGenerator:
         return -(-(max(lengths) + self.config.max_new_tokens) // multiple) * multiple
 
     def _decoder_for(self, batch: int, max_len: int) -> StaticDecoder:
-        if self._shape != (batch, max_len):
+        # A longer cache serves as well (steps attend over a prefix); batches come longest first.
+        if self._shape is None or self._shape[0] != batch or self._shape[1] < max_len:
             self._decoder, self._shape = None, None  # free the previous cache and graph first
             self._decoder = StaticDecoder(self.model, self.config, batch, max_len, self.options)
             self._shape = (batch, max_len)
@@ -305,14 +313,17 @@ class FastGenerator:
         except torch.cuda.OutOfMemoryError:
             if rows == 1:
                 raise
-            self._decoder, self._shape = None, None
-            torch.cuda.empty_cache()
-            self._fitting_rows[max_len] = rows - 1
-            log.warning("a generation batch of %d prompts (a KV cache of %d positions) ran out of GPU memory; "
-                        "generating it in halves. A smaller data.batching.predict_batch_size or "
-                        "model.predict.max_new_tokens avoids the retry.", rows, max_len)
-            return self._generate_halves(prompts, keys)
-        return self.decode()
+        else:
+            return self.decode()
+        # Out of the handler: its traceback no longer holds the failed attempt's tensors.
+        self._decoder, self._shape = None, None
+        gc.collect()
+        torch.cuda.empty_cache()
+        self._fitting_rows[max_len] = rows - 1
+        log.warning("a generation batch of %d prompts (a KV cache of %d positions) ran out of GPU memory; "
+                    "generating it in halves. A smaller data.batching.predict_batch_size or "
+                    "model.predict.max_new_tokens avoids the retry.", rows, max_len)
+        return self._generate_halves(prompts, keys)
 
     def _generate_halves(self, prompts: Sequence[PromptInputs], keys: list[int]) -> list[torch.Tensor]:
         half = (len(prompts) + 1) // 2
