@@ -14,7 +14,9 @@ to the 2,493-row test set (ceil(2493 / batch) batches x s/batch). Run by hand on
     PYTHONPATH=src python bench/predict.py --batch-sizes 64,128 --no-baseline
     PYTHONPATH=src python bench/predict.py --small                  # tiny preset; runs on CPU
 
-`--answer-limit N` sizes the KV cache for N new tokens (as `max_new_tokens: 4096` in
+`--varied` draws each prompt's length and image size (longest first, as predict orders them), so
+batches differ in shape: it shows what compiling and capturing cost when shapes change, and
+reports any graph compiled while timed. `--answer-limit N` sizes the KV cache for N new tokens (as `max_new_tokens: 4096` in
 configs/ovis2_5-9b/predict.yaml does) while still decoding `--new-tokens` steps: what a real run
 pays when answers stop long before the limit. `--attend-multiple` is the decode attention's
 length step (`DecodeOptions.attend_multiple`; a huge value attends over the whole cache).
@@ -98,27 +100,42 @@ def synchronize(device: torch.device) -> None:
 
 
 def synth_prompts(rows: int, tokens: int, grid: tuple[int, int, int], config: OvisConfig,
-                  seed: int) -> list[EncodedPrompt]:
-    """`rows` prompts of `tokens` ids; every other row has one image of `grid` patches."""
+                  seed: int, varied: bool = False) -> list[EncodedPrompt]:
+    """`rows` prompts of `tokens` ids; every other row has one image of `grid` patches.
+
+    `varied`: each prompt's length is drawn in [0.6, 1.4] x `tokens` and each image's side (a
+    multiple of 32 px) up to the largest whose atoms fit in 85 % of its prompt; prompts come
+    longest first, as `litovis predict` orders them.
+    """
     gen = torch.Generator().manual_seed(seed)
     vit, vocab = config.vit, config.llm.vocab_size
-    t, h, w = grid
-    atoms = t * h * w // vit.hidden_stride**2
+    block = vit.patch_size * vit.hidden_stride
     patch_dim = vit.num_channels * vit.patch_size**2
-    pixels = torch.rand(t * h * w, patch_dim, generator=gen) * 2 - 1  # shared: the values do not change the work
-    grid_thws = torch.tensor([grid])
+    pixels_of: dict[tuple[int, int, int], torch.Tensor] = {}  # per grid: the values do not change the work
     prompts = []
     for row in range(rows):
+        length = round(tokens * (0.6 + 0.8 * torch.rand((), generator=gen).item())) if varied else tokens
+        if varied:
+            largest = int((0.85 * length) ** 0.5) * block // block * block
+            sides = list(range(min(448, largest), largest + 1, block)) or [block]
+            side = sides[int(torch.randint(len(sides), (), generator=gen))] // vit.patch_size
+            grid = (1, side, side)
         if row % 2 == 0:
-            text = tokens - atoms - 2
+            t, h, w = grid
+            atoms = t * h * w // vit.hidden_stride**2
+            if grid not in pixels_of:
+                pixels_of[grid] = torch.rand(t * h * w, patch_dim, generator=gen) * 2 - 1
+            text = length - atoms - 2
             if text < 2:
-                raise SystemExit(f"--prompt-tokens {tokens} leaves no room for text beside {atoms} atoms")
+                raise SystemExit(f"--prompt-tokens {length} leaves no room for text beside {atoms} atoms")
             ids = random_text((text,), vocab, gen)
             span = torch.tensor([IMAGE_START_ID] + [VISUAL_ATOM_ID] * atoms + [IMAGE_END_ID])
             ids = torch.cat([ids[: text // 2], span, ids[text // 2:]])
-            prompts.append(EncodedPrompt(ids, pixels, grid_thws))
+            prompts.append(EncodedPrompt(ids, pixels_of[grid], torch.tensor([grid])))
         else:
-            prompts.append(EncodedPrompt(random_text((tokens,), vocab, gen)))
+            prompts.append(EncodedPrompt(random_text((length,), vocab, gen)))
+    if varied:
+        prompts.sort(key=lambda p: -p.input_ids.numel())
     return prompts
 
 
@@ -137,14 +154,23 @@ def prefill_flops(config: OvisConfig, prompts: list[EncodedPrompt]) -> float:
     return total
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int, prompts: list[EncodedPrompt],
-             text_batch: list[EncodedPrompt] | None, device: torch.device) -> tuple[Timing, Timing | None, list]:
-    """Warm-up batch, timed batches, then the text-only batch (timed, tokens kept for agreement)."""
+             text_batch: list[EncodedPrompt] | None, device: torch.device,
+             varied: bool = False) -> tuple[Timing, Timing | None, list]:
+    """Warm-up, timed batches, then the text-only batch (timed, tokens kept for agreement)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = FastGenerator(model, config, options)
-    generator.prefill(prompts[:batch])  # warm-up: allocation, graph capture, compile
-    generator.decode(max_steps=config.min_new_tokens - 1)
+    # warm-up (allocation, graph capture, compile): the first batch, or every batch of varied ones
+    for start in range(0, len(prompts) if varied else batch, batch):
+        generator.prefill(prompts[start:start + batch])
+        generator.decode(max_steps=config.min_new_tokens - 1)
+    graphs = compiled_graphs()
     seconds, prefill, decode_ms, flops = [], [], [], 0.0
     new_tokens = 0
     for start in range(0, len(prompts), batch):
@@ -166,6 +192,9 @@ def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int
     mean_len = sum(p.input_ids.numel() for p in prompts) / len(prompts)
     ours = Timing("litovis", batch, len(prompts), mean_len, seconds, new_tokens, prefill, decode_ms,
                   flops / sum(prefill) / 1e12, peak)
+    recompiled = compiled_graphs() - graphs
+    if recompiled:
+        print(f"batch {batch}: {recompiled} graphs were compiled while timed (the timing includes compilation)")
     text_timing, text_tokens = None, []
     if text_batch is not None:
         synchronize(device)
@@ -274,6 +303,9 @@ def main() -> None:
     parser.add_argument("--answer-limit", type=int, default=None,
                         help="max_new_tokens the cache is sized for (default: --new-tokens); no baseline then")
     parser.add_argument("--attend-multiple", type=int, default=DecodeOptions.attend_multiple)
+    parser.add_argument("--varied", action="store_true",
+                        help="prompt lengths in [0.6, 1.4] x --prompt-tokens, image sides up to what fits, longest "
+                             "first; every batch runs once untimed first")
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--sync-every", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -322,7 +354,9 @@ def main() -> None:
           f"{' + torch.compile' if args.compile else ''}; sync every {args.sync_every} steps")
     if device.type == "cuda":
         print(f"bf16 matmul peak: {measure_matmul_tflops(device):.0f} TFLOP/s")
-    print(f"prompts: {tokens} tokens, every other row one {side}x{side} image ({atoms} atoms); "
+    shape = (f"{tokens} x [0.6, 1.4] tokens, every other row one image of at most 85 % of its tokens, longest first"
+             if args.varied else f"{tokens} tokens, every other row one {side}x{side} image ({atoms} atoms)")
+    print(f"prompts: {shape}; "
           f"{args.new_tokens} new tokens forced; KV cache for {limit} new tokens, attended in steps of "
           f"{args.attend_multiple} slots; projection: {TEST_ROWS} rows\n")
 
@@ -335,7 +369,7 @@ def main() -> None:
     ratios: list[str] = []
     for batch in batch_sizes:
         rows = args.rows or 2 * batch
-        prompts = synth_prompts(rows, tokens, grid, model.config, seed=args.seed + batch)
+        prompts = synth_prompts(rows, tokens, grid, model.config, seed=args.seed + batch, varied=args.varied)
         # Text-only prompts, drawn once: transformers runs them all, ours the first batch (agreement).
         text_ids, text = None, None
         if hf is not None:
@@ -345,7 +379,8 @@ def main() -> None:
         ours_runs = []
         for name, variant in options.items():
             try:
-                ours, ours_text, text_tokens = run_ours(model, config, variant, batch, prompts, text, device)
+                ours, ours_text, text_tokens = run_ours(model, config, variant, batch, prompts, text, device,
+                                                        args.varied)
             except RuntimeError as err:  # report and go on with the other variants
                 print(f"batch {batch}, decode attention {name}: FAILED: {err}")
                 gc.collect()
