@@ -16,10 +16,10 @@ boolean mask built from the layout (exact on any device, the CPU path). `"auto"`
 it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are). Asking
 explicitly for a backend that cannot run raises. Bidirectional sequences of host-known lengths
 (the ViT's images, `sequences_layout`) take one more route under `"auto"` on CUDA:
-`"per_sequence"`, one SDPA call per run of equal-length sequences with cuDNN's kernel first, 1.4x
-faster than the varlen flash kernel at the ViT's head_dim 72 on an H200. Decoding layouts (one query per row over a
-cache) may also name `"matmul"`: two batched matmuls with a float32 softmax, an alternative to
-SDPA's fused kernels for that shape.
+`"per_sequence"`, one SDPA call per run of equal-length sequences with cuDNN's kernel first
+(about 1.4x the varlen flash kernel at the ViT's head_dim 72 on an H200). Decoding layouts (one
+query per row over a cache) may also name `"matmul"`: two batched matmuls with a float32
+softmax, an alternative to SDPA's fused kernels for that shape.
 
 Grouped-query attention: K/V keep their own head count where the kernel accepts it
 (varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask, and single-query decoding,

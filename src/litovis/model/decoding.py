@@ -16,15 +16,15 @@ One batch of encoded prompts goes through two phases:
   pad); the step (embedding, layers, head, `TokenSelector.advance`) reads and writes fixed
   buffers only, so on CUDA it is captured once per (batch bucket, cache length, attended length)
   in a `torch.cuda.CUDAGraph` and replayed; a decoder serves every later batch whose cache fits in
-  its own. The host syncs only every `sync_every` steps, to stop
-  once every row has finished; finished rows keep running harmlessly until then. Attention
-  over the cache folds the query heads of each K/V head into one query block (no K/V repeat),
-  through SDPA's fused kernel or two batched matmuls (`decode_attention`).
+  its own. The host syncs only every `sync_every` steps, to stop once every row has finished;
+  finished rows keep running harmlessly until then. Attention over the cache folds the query
+  heads of each K/V head into one query block (no K/V repeat), through SDPA's fused kernel or two
+  batched matmuls (`decode_attention`). A batch that runs out of GPU memory is generated in halves.
 
 On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
 the eager reference `litovis.model.generation.generate`. Decoder layers compiled in place
-(`layer.compile()`, as training does) serve both phases; their first call per shape happens in
-an eager step before the capture.
+(`Ovis2_5.compile_layers()`, as training does) serve both phases; their first call per shape
+happens in an eager step before the capture.
 """
 
 from __future__ import annotations
