@@ -152,7 +152,7 @@ def test_missing_image_path_is_named(processor, tmp_path):
 def test_measure_equals_the_processed_sample(tiny_tokenizer) -> None:
     """Lengths and target counts from image headers alone match full processing."""
 
-    from litovis.processing.image import read_image_size
+    from litovis.processing.image_size import read_image_size
 
     processor = OvisProcessor(tiny_tokenizer, min_pixels=32 * 32, max_pixels=256 * 256)
     rotated = io.BytesIO()

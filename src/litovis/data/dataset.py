@@ -21,7 +21,8 @@ from litovis.data.drops import DropReport
 from litovis.data.prompts import PromptError, Template, render_messages
 from litovis.data.sample import Sample
 from litovis.processing.chat import ConversationError
-from litovis.processing.image import ImageAspectRatioError, ImageLoadError, read_image_size
+from litovis.processing.image import ImageAspectRatioError, ImageLoadError
+from litovis.processing.image_size import read_image_size
 from litovis.processing.processor import ImageCountError, OvisProcessor
 
 log = logging.getLogger(__name__)

@@ -114,7 +114,8 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def _describe(source: ImageSource, name: str | None) -> str:
+def source_label(source: ImageSource, name: str | None) -> str:
+    """How errors name an image: `name`, else its path, else its size in bytes."""
     if name:
         return name
     if isinstance(source, (str, PathLike)):
@@ -124,7 +125,8 @@ def _describe(source: ImageSource, name: str | None) -> str:
     return "<PIL image>"
 
 
-def _check_pixels(image: Image.Image, label: str, max_image_pixels: int | None) -> None:
+def check_pixel_count(image: Image.Image, label: str, max_image_pixels: int | None) -> None:
+    """Raise `ImageTooLargeError` when an opened (not yet decoded) image exceeds the pixel cap."""
     if max_image_pixels is not None and image.width * image.height > max_image_pixels:
         raise ImageTooLargeError(
             f"{label}: {image.width}x{image.height} (w x h) = {image.width * image.height} pixels "
@@ -182,9 +184,9 @@ def load_image(
         ImageTooLargeError: the image exceeds `max_image_pixels`.
         ImageLoadError: unreadable, truncated or unconvertible image (message names it).
     """
-    label = _describe(source, name)
+    label = source_label(source, name)
     if isinstance(source, Image.Image):
-        _check_pixels(source, label, max_image_pixels)
+        check_pixel_count(source, label, max_image_pixels)
         return to_rgb(source, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
         stream: io.BytesIO | Path = io.BytesIO(bytes(source))
@@ -197,7 +199,7 @@ def load_image(
             # Our own cap replaces Pillow's bomb warning; its hard limit still raises below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(stream) as opened:
-                _check_pixels(opened, label, max_image_pixels)
+                check_pixel_count(opened, label, max_image_pixels)
                 opened.load()
                 return to_rgb(opened, label)
     except ImageLoadError:
@@ -208,36 +210,6 @@ def load_image(
         raise ImageLoadError(f"{label}: no such file") from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageLoadError(f"{label}: cannot read image: {err}") from err
-
-
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-
-
-def read_image_size(
-    source: str | PathLike | bytes, *, name: str | None = None, max_image_pixels: int | None = None
-) -> tuple[int, int]:
-    """(height, width) as `load_image` would return it, read from the header alone (no decoding).
-
-    Accounts for EXIF rotation, so token counts computed from it match the processed image.
-    `max_image_pixels` refuses decompression bombs (`ImageTooLargeError`) before anything else is
-    read: finding the EXIF block of a PNG makes Pillow decode the whole image.
-    """
-    label = _describe(source, name)
-    stream = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(stream) as opened:
-                width, height = opened.size
-                _check_pixels(opened, label, max_image_pixels)
-                orientation = opened.getexif().get(0x0112, 1)
-    except ImageTooLargeError:
-        raise
-    except FileNotFoundError as err:
-        raise ImageLoadError(f"{label}: no such file") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"{label}: cannot read image header: {err}") from err
-    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
 
 
 def normalize_pixels(image: Image.Image) -> np.ndarray:
@@ -366,7 +338,7 @@ class ImagePreprocessor:
         try:
             height, width = self.target_size(image.height, image.width)
         except ImageAspectRatioError as err:
-            raise ImageAspectRatioError(f"{_describe(source, name)}: {err}") from err
+            raise ImageAspectRatioError(f"{source_label(source, name)}: {err}") from err
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=RESAMPLE)
         # temporal_patch_size is 1 (checked above): one image is one temporal patch
