@@ -15,6 +15,7 @@ Printed per mode: tokens/s in all and per GPU, the speed-up over 1 GPU (target f
     python bench/scale_out.py                       # 1 GPU, DDP on 2, FSDP on 2 (~7 min on 2 H200)
     python bench/scale_out.py --modes ddp fsdp      # some modes only
     python bench/scale_out.py --small               # tiny model, 2 CPU processes: checks the script
+    python bench/scale_out.py --modes single ddp --compile   # compiled layers (FSDP refuses them)
 
 The ranks of a mode are started by Lightning (its launcher re-runs `litovis fit`); this script
 only writes the data and configs, runs the modes one after the other and prints their results.
@@ -187,7 +188,7 @@ def mode_config(mode: str, args: argparse.Namespace, data: Path, result: Path) -
             "lora": {"rank": 8 if args.small else 64, "alpha": 16.0 if args.small else 128.0, "dropout": 0.05,
                      "rslora": True, "init": "pissa_niter_4"},
             "optimizer": {"lr": 2.0e-5, "warmup_steps": 2},
-            "memory": {"gradient_checkpointing": not args.small},
+            "memory": {"gradient_checkpointing": not args.small, "compile": args.compile},
         },
         "data": {
             "prepared_dir": str(data),
@@ -273,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
                         "still running when they are spent is stopped and reported as failed")
     parser.add_argument("--workdir", type=Path, default=None, help="data, configs, logs (default: a temp dir)")
     parser.add_argument("--small", action="store_true", help="tiny model on CPU processes (a smoke test)")
+    parser.add_argument("--compile", action="store_true", help="model.memory.compile (single and ddp: FSDP refuses it)")
     args = parser.parse_args(argv)
+    if args.compile and "fsdp" in args.modes:
+        parser.error("--compile: FSDP refuses model.memory.compile; choose --modes single ddp")
     if args.small:
         args.image_side, args.max_tokens, args.samples_per_batch, args.text_repeats = 64, 1024, 4, 2
         args.steps, args.warmup, args.num_workers = min(args.steps, 6), min(args.warmup, 2), 0
