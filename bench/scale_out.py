@@ -16,6 +16,7 @@ Printed per mode: tokens/s in all and per GPU, the speed-up over 1 GPU (target f
     python bench/scale_out.py --modes ddp fsdp      # some modes only
     python bench/scale_out.py --small               # tiny model, 2 CPU processes: checks the script
     python bench/scale_out.py --modes single ddp --compile   # compiled layers (FSDP refuses them)
+    python bench/scale_out.py --modes fsdp --finetune full    # full fine-tuning of the LLM, sharded
 
 The ranks of a mode are started by Lightning (its launcher re-runs `litovis fit`); this script
 only writes the data and configs, runs the modes one after the other and prints their results.
@@ -185,6 +186,7 @@ def mode_config(mode: str, args: argparse.Namespace, data: Path, result: Path) -
         "model": {
             "source": {"preset": "tiny" if args.small else "9b", "tokenizer": "tiny",
                        "dtype": "float32" if args.small else "bfloat16"},
+            "finetune": args.finetune,
             "lora": {"rank": 8 if args.small else 64, "alpha": 16.0 if args.small else 128.0, "dropout": 0.05,
                      "rslora": True, "init": "pissa_niter_4"},
             "optimizer": {"lr": 2.0e-5, "warmup_steps": 2},
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="data, configs, logs (default: a temp dir)")
     parser.add_argument("--small", action="store_true", help="tiny model on CPU processes (a smoke test)")
     parser.add_argument("--compile", action="store_true", help="model.memory.compile (single and ddp: FSDP refuses it)")
+    parser.add_argument("--finetune", choices=("lora", "full"), default="lora",
+                        help="full: every LLM weight trains (with FSDP on 2 GPUs: fp32 master + AdamW states, ~72 GB per GPU)")
     args = parser.parse_args(argv)
     if args.compile and "fsdp" in args.modes:
         parser.error("--compile: FSDP refuses model.memory.compile; choose --modes single ddp")
