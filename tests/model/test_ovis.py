@@ -132,6 +132,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(reference_model: Ovis2_
         torch.testing.assert_close(got, want)
 
 
+def test_compiled_layers_give_the_same_loss_and_gradients(reference_model: Ovis2_5, expected: dict) -> None:
+    """`compile_layers` (LLM layers whole, ViT layers around their attention): equal loss and
+    gradients, the ViT's included, so a trainable vision tower trains the same compiled."""
+    model = copy.deepcopy(reference_model).train()
+    trainable = [*_lora_like(model), model.visual_tokenizer.vit.vision_model.encoder.layers[0].mlp.fc1.weight]
+    trainable[-1].requires_grad_(True)
+    ids, mask = expected["input_ids"], expected["attention_mask"]
+    labels = torch.where((ids >= 0) & mask.bool(), ids, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX
+    batch = dict(input_ids=ids, pixel_values=expected["pixel_values"], grid_thws=expected["grid_thws"],
+                 attention_mask=mask, labels=labels)
+    loss = model(**batch).loss
+    plain = torch.autograd.grad(loss, trainable)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        model.compile_layers(backend="aot_eager")
+        compiled_loss = model(**batch).loss
+        compiled = torch.autograd.grad(compiled_loss, trainable)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 3, f"{graphs} graphs: the LLM layer and the ViT's two halves should each have one"
+    torch.testing.assert_close(compiled_loss, loss)
+    for got, want in zip(compiled, plain, strict=True):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want)
+
+
 def test_text_only_batch_can_touch_vision_with_zero_effect(reference_model: Ovis2_5) -> None:
     model = copy.deepcopy(reference_model).train()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
