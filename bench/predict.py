@@ -16,10 +16,11 @@ to the 2,493-row test set (ceil(2493 / batch) batches x s/batch). Run by hand on
 
 `--varied` draws each prompt's length and image size (longest first, as predict orders them), so
 batches differ in shape: it shows what compiling and capturing cost when shapes change, and
-reports any graph compiled while timed. `--answer-limit N` sizes the KV cache for N new tokens (as `max_new_tokens: 4096` in
-configs/ovis2_5-9b/predict.yaml does) while still decoding `--new-tokens` steps: what a real run
-pays when answers stop long before the limit. `--attend-multiple` is the decode attention's
-length step (`DecodeOptions.attend_multiple`; a huge value attends over the whole cache).
+reports any graph compiled while timed. `--answer-limit N` sizes the KV cache for N new tokens
+(as `max_new_tokens: 4096` in configs/ovis2_5-9b/predict.yaml does) while still decoding
+`--new-tokens` steps: what a real run pays when answers stop long before the limit.
+`--attend-multiple` is the decode attention's length step (`DecodeOptions.attend_multiple`; a
+huge value attends over the whole cache).
 
 Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares its
 greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
@@ -116,7 +117,7 @@ def synth_prompts(rows: int, tokens: int, grid: tuple[int, int, int], config: Ov
     for row in range(rows):
         length = round(tokens * (0.6 + 0.8 * torch.rand((), generator=gen).item())) if varied else tokens
         if varied:
-            largest = int((0.85 * length) ** 0.5) * block // block * block
+            largest = int((0.85 * length) ** 0.5) * block  # (side / block)^2 atoms
             sides = list(range(min(448, largest), largest + 1, block)) or [block]
             side = sides[int(torch.randint(len(sides), (), generator=gen))] // vit.patch_size
             grid = (1, side, side)
