@@ -94,3 +94,64 @@ def test_measuring_drops_bombs_broken_headers_and_absurd_text_with_reasons(tmp_p
                        "no-image-file": "ImageLoadError"}
     report.check()
     assert report.seen == len(samples) == len(measured.samples) + report.dropped
+
+
+def test_ranks_measuring_their_shares_end_with_one_process_result(tmp_path: Path, processor: OvisProcessor) -> None:
+    """Three 'ranks' (threads, an all_gather at a barrier) measure every third sample each; all
+    end with what one process measures alone: the same kept samples, lengths and drop report."""
+    import threading
+
+    (tmp_path / "garbage.jpg").write_bytes(b"\x00" * 100)
+    samples = [_sample(f"ok{i}", _image(tmp_path / f"ok{i}.jpg", size=(32 + 32 * i, 48))) for i in range(5)]
+    samples[1:1] = [_sample("garbage", tmp_path / "garbage.jpg")]
+    samples.append(_sample("huge-text", None, answer="word " * 50_000))
+    templates = load_templates(PROMPTS_YAML)
+    alone_report = DropReport(max_examples=None)
+    alone = measure_samples(samples, processor, templates, alone_report)
+
+    world, shares = 3, [None] * 3
+    barrier, results = threading.Barrier(world), [None] * world
+
+    def rank(r: int) -> None:
+        def all_gather(mine: list) -> list[list]:
+            shares[r] = mine
+            barrier.wait()
+            return list(shares)
+
+        report = DropReport(max_examples=None)
+        results[r] = (measure_samples(samples, processor, templates, report, rank=r, world_size=world,
+                                      all_gather=all_gather), report)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [len(share) for share in shares] == [3, 2, 2]  # each rank measured only its share
+    for measured, report in results:
+        assert measured == alone
+        assert report.examples == alone_report.examples and report.seen == alone_report.seen == len(samples)
+    assert [s.id for s in alone.samples] == [f"ok{i}" for i in range(5)]
+
+
+def test_an_unexpected_failure_on_one_rank_raises_on_every_rank(tmp_path: Path, processor: OvisProcessor,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug while measuring one rank's sample must not leave the other ranks waiting in all_gather."""
+    samples = [_sample(f"ok{i}", _image(tmp_path / f"ok{i}.jpg")) for i in range(2)]
+    templates = load_templates(PROMPTS_YAML)
+
+    def broken(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(processor, "measure", broken)
+    shards: list = []
+
+    def all_gather(mine: list) -> list[list]:
+        shards.append(mine)
+        return [mine, [(7, 1)]]  # the other rank's share (sample 1)
+
+    with pytest.raises(RuntimeError, match=r"measuring .*ok0 failed: KeyError: 'bug'"):
+        measure_samples(samples, processor, templates, DropReport(), rank=0, world_size=2, all_gather=all_gather)
+    assert shards, "the failure went through the gather, so the other ranks get it too"
+    with pytest.raises(KeyError, match="bug"):  # one process: the original error, traceback and all
+        measure_samples(samples, processor, templates, DropReport())

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -167,13 +168,26 @@ class OvisDataModule(L.LightningDataModule):
             samples = load_prepared(path)
             self._splits[key] = measure_samples(
                 samples, self.processor, templates, self.report, generation=generation, stage=f"measure_{key}",
-                enable_thinking=self.processing.enable_thinking,
+                enable_thinking=self.processing.enable_thinking, **self._measuring_ranks(),
             )
         self.templates = templates
         tasks = {s.task for key, split in self._splits.items() for s in split.samples}
         self.task_names = sorted(tasks)
         if self.report.dropped:
             log.warning("samples dropped while measuring:\n%s", self.report.format_table())
+
+    def _measuring_ranks(self) -> dict[str, Any]:
+        """Every rank measures its share of the samples and gathers the rest (`measure_samples`)."""
+        world, rank, _ = self._world()
+        if world == 1 or not torch.distributed.is_initialized():
+            return {}
+
+        def all_gather(mine: list) -> list[list]:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, mine)
+            return gathered
+
+        return {"rank": rank, "world_size": world, "all_gather": all_gather}
 
     # ------------------------------------------------------------- training
     def _world(self) -> tuple[int, int, int]:

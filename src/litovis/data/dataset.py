@@ -5,13 +5,14 @@ inference), loads and patchifies its images and tokenizes the conversation (`Ovi
 `measure_samples` computes every sample's exact length and target count up front from text and
 image headers only, so over-long samples and decompression bombs are dropped (train/val) or refused
 (test) before training starts, and the batch sampler can budget tokens without decoding a single
-image. A training image that breaks after measuring makes its item None (skipped by the collators).
+image. Under DDP/FSDP each rank measures its share and gathers the others'. A training image
+that breaks after measuring makes its item None (skipped by the collators).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
@@ -50,6 +51,32 @@ class TestSampleError(ValueError):
     """A test (prediction) sample cannot be processed; test rows are never dropped."""
 
 
+Measure = tuple[int, int] | tuple[str, str]
+"""One sample's measurement: `(length, targets)`, or `(reason, detail)` when it cannot be used."""
+
+AllGather = Callable[[list[Measure]], list[list[Measure]]]
+"""Every rank's list, in rank order, given this rank's (`torch.distributed.all_gather_object`)."""
+
+
+def _measure_one(sample: Sample, processor: OvisProcessor, templates: Mapping[str, Template], generation: bool,
+                 enable_thinking: bool, shared: bool) -> Measure:
+    try:
+        messages = render_messages(sample, templates, include_target=not generation)
+        cap = processor.image_preprocessor.max_image_pixels  # bombs are refused here, not at load time
+        sizes = [
+            read_image_size(image, name=f"{sample.source} image {i}", max_image_pixels=cap)
+            for i, image in enumerate(sample.images)
+        ]
+        return processor.measure(messages, sizes, add_generation_prompt=generation, enable_thinking=enable_thinking)
+    except SAMPLE_ERRORS as err:
+        return type(err).__name__, str(err)
+    except Exception as err:
+        if not shared:
+            raise
+        # Raised on every rank after the gather: the other ranks would otherwise wait in it forever.
+        return "unexpected", f"{type(err).__name__}: {err}"
+
+
 def measure_samples(
     samples: Sequence[Sample],
     processor: OvisProcessor,
@@ -58,6 +85,9 @@ def measure_samples(
     generation: bool = False,
     stage: str = "measure",
     enable_thinking: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather: AllGather | None = None,
 ) -> MeasuredSamples:
     """Exact length and targets of every sample; unusable or over-long ones are dropped and reported.
 
@@ -65,38 +95,41 @@ def measure_samples(
     collected and raised together as `TestSampleError`. `enable_thinking` must be the
     `SampleDataset`'s (it decides whether a generation prompt carries the empty think block), so
     the lengths measured here are the lengths the dataset produces.
+
+    Several processes share the work: rank r measures samples r, r + world_size, ..., and
+    `all_gather` hands every rank all the measurements, so each ends with the same result and the
+    same report. A sample that fails unexpectedly (a bug, not bad data) raises on every rank.
     """
+    if world_size > 1 and all_gather is None:
+        raise ValueError("measuring over several ranks needs all_gather")
+    shared = world_size > 1
+    mine = [_measure_one(s, processor, templates, generation, enable_thinking, shared)
+            for s in samples[rank::world_size]]
+    shards = all_gather(mine) if shared else [mine]
     kept = MeasuredSamples([], [], [])
     failures: list[str] = []
     limit = processor.max_length
-    for sample in samples:
-        try:
-            messages = render_messages(sample, templates, include_target=not generation)
-            cap = processor.image_preprocessor.max_image_pixels  # bombs are refused here, not at load time
-            sizes = [
-                read_image_size(image, name=f"{sample.source} image {i}", max_image_pixels=cap)
-                for i, image in enumerate(sample.images)
-            ]
-            length, targets = processor.measure(
-                messages, sizes, add_generation_prompt=generation, enable_thinking=enable_thinking
-            )
-        except SAMPLE_ERRORS as err:
-            reason, detail = type(err).__name__, str(err)
+    for index, sample in enumerate(samples):
+        first, second = shards[index % world_size][index // world_size]
+        name = sample.source or sample.id
+        if first == "unexpected":
+            raise RuntimeError(f"measuring {name} failed: {second}")
+        if isinstance(first, str):
+            reason, detail = first, second
+        elif limit is not None and first > limit:
+            reason, detail = "too_long", f"{first} tokens > max_length {limit}"
+        elif not generation and second == 0:
+            reason, detail = "no_targets", "nothing to train on"
         else:
-            if limit is not None and length > limit:
-                reason, detail = "too_long", f"{length} tokens > max_length {limit}"
-            elif not generation and targets == 0:
-                reason, detail = "no_targets", "nothing to train on"
-            else:
-                kept.samples.append(sample)
-                kept.lengths.append(length)
-                kept.num_targets.append(targets)
-                report.keep(stage)
-                continue
+            kept.samples.append(sample)
+            kept.lengths.append(first)
+            kept.num_targets.append(second)
+            report.keep(stage)
+            continue
         if generation:
-            failures.append(f"{sample.source or sample.id}: {reason}: {detail}")
+            failures.append(f"{name}: {reason}: {detail}")
         else:
-            report.drop(stage, reason, sample.source or sample.id, detail)
+            report.drop(stage, reason, name, detail)
     if failures:
         shown = "\n  ".join(failures[:20])
         raise TestSampleError(f"{len(failures)} test sample(s) cannot be processed (test rows are never dropped):\n  {shown}")
