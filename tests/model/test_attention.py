@@ -173,6 +173,16 @@ def test_sequences_layout_routes() -> None:
         attention.sequences_layout([3, 0], backend="auto", device=CPU, dtype=torch.float32)
 
 
+def test_a_vit_that_trains_keeps_the_packed_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a backward to follow, `auto` on CUDA goes to `packed_layout` (varlen), not per_sequence."""
+    calls = []
+    monkeypatch.setattr(attention, "packed_layout", lambda *args, **kwargs: calls.append(kwargs) or "packed")
+    cuda = torch.device("cuda")
+    assert attention.sequences_layout([4, 4], backend="auto", device=cuda, dtype=torch.bfloat16, backward=True) == "packed"
+    assert calls and calls[0]["causal"] is False and calls[0]["backend"] == "auto"
+    assert attention.sequences_layout([4, 4], backend="auto", device=cuda, dtype=torch.bfloat16).backend == "per_sequence"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel_name() is None,
                     reason="needs CUDA and a variable-length attention kernel")
 def test_per_sequence_equals_varlen_on_gpu() -> None:

@@ -15,7 +15,7 @@ Backends (chosen per layout): `"varlen"` runs packed layouts through a variable-
 boolean mask built from the layout (exact on any device, the CPU path). `"auto"` picks varlen when
 it can run, else SDPA. Padded layouts always use SDPA (a mask is what they are). Asking
 explicitly for a backend that cannot run raises. Bidirectional sequences of host-known lengths
-(the ViT's images, `sequences_layout`) take one more route under `"auto"` on CUDA:
+(the ViT's images, `sequences_layout`) take one more route under `"auto"` on CUDA, forward-only:
 `"per_sequence"`, one SDPA call per run of equal-length sequences with cuDNN's kernel first
 (about 1.4x the varlen flash kernel at the ViT's head_dim 72 on an H200). Decoding layouts (one
 query per row over a cache) may also name `"matmul"`: two batched matmuls with a float32
@@ -169,16 +169,20 @@ def sequences_layout(
     backend: str,
     device: torch.device,
     dtype: torch.dtype,
+    backward: bool = False,
 ) -> AttentionLayout:
     """Bidirectional layout of one packed row of consecutive sequences with these (host) lengths.
 
-    `"auto"` on CUDA in half precision gives the `"per_sequence"` backend; otherwise (or for an
-    explicit `"varlen"`/`"sdpa"`) this is `packed_layout`'s.
+    `"auto"` on CUDA in half precision gives the `"per_sequence"` backend when no backward will
+    follow (`backward`: the attention's inputs require grad; training keeps the varlen kernel,
+    whose backward is the one measured and verified in training); otherwise (or for an explicit
+    `"varlen"`/`"sdpa"`) this is `packed_layout`'s.
     """
     check_backend_name(backend)
     if not lengths or min(lengths) < 1:
         raise ValueError(f"sequence lengths must be positive, got {list(lengths)}")
-    if backend == "auto" and device.type == "cuda" and _compute_dtype(device, dtype) in (torch.float16, torch.bfloat16):
+    half = _compute_dtype(device, dtype) in (torch.float16, torch.bfloat16)
+    if backend == "auto" and device.type == "cuda" and half and not backward:
         runs: list[list[int]] = []
         start = 0
         for length in lengths:

@@ -206,7 +206,7 @@ class VisionTransformer(nn.Module):
         hidden = self.embeddings(pixel_values, grids)
         frame_lengths = [h * w for t, h, w in grids for _ in range(t)]
         layout = sequences_layout(frame_lengths, backend=self.attention_backend, device=hidden.device,
-                                  dtype=hidden.dtype)
+                                  dtype=hidden.dtype, backward=hidden.requires_grad)
         cos, sin = vision_rotary(grids, cfg.head_dim, cfg.hidden_stride, hidden.device)
         for layer in self.encoder.layers:
             hidden = layer(hidden, cos, sin, layout)
