@@ -210,6 +210,8 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     # Only rank 1's loss is NaN at step 1; DDP's all-reduce keeps every gradient finite.
     trainer.fit(Regressor(loss_poison={(1, 1)}), DataLoader(Points(), batch_size=4, collate_fn=collate))
     torch.save([s[0] for s in snapshots.states], Path(out) / f"rank{rank}.pt")
+    # Leaving gloo's threads to interpreter shutdown occasionally aborts the process (std::terminate).
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
