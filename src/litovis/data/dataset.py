@@ -100,9 +100,9 @@ def measure_samples(
     `all_gather` hands every rank all the measurements, so each ends with the same result and the
     same report. A sample that fails unexpectedly (a bug, not bad data) raises on every rank.
     """
-    if world_size > 1 and all_gather is None:
-        raise ValueError("measuring over several ranks needs all_gather")
     shared = world_size > 1
+    if shared and all_gather is None:
+        raise ValueError("measuring over several ranks needs all_gather")
     mine = [_measure_one(s, processor, templates, generation, enable_thinking, shared)
             for s in samples[rank::world_size]]
     shards = all_gather(mine) if shared else [mine]
