@@ -80,12 +80,20 @@ def test_merge_errors_are_explicit(reference_model: Ovis2_5, expected: dict) -> 
         reference_model.merge_multimodal(torch.tensor([[1, -100, 2]]))
 
 
-def test_loss_is_mean_shifted_cross_entropy(reference_model: Ovis2_5, expected: dict) -> None:
+def _labelled_batch(expected: dict) -> dict:
+    """The reference batch with labels on every real text token after the first."""
     ids, mask = expected["input_ids"], expected["attention_mask"]
     labels = torch.where((ids >= 0) & mask.bool(), ids, IGNORE_INDEX)
     labels[:, 0] = IGNORE_INDEX
+    return dict(input_ids=ids, pixel_values=expected["pixel_values"], grid_thws=expected["grid_thws"],
+                attention_mask=mask, labels=labels)
+
+
+def test_loss_is_mean_shifted_cross_entropy(reference_model: Ovis2_5, expected: dict) -> None:
+    batch = _labelled_batch(expected)
+    ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
-        out = reference_model(ids, expected["pixel_values"], expected["grid_thws"], attention_mask=mask, labels=labels)
+        out = reference_model(**batch)
     log_probs = F.log_softmax(out.logits, dim=-1)
     terms = [-log_probs[b, t - 1, labels[b, t]] for b in range(ids.shape[0]) for t in range(1, ids.shape[1])
              if labels[b, t] != IGNORE_INDEX]
@@ -116,11 +124,7 @@ def _lora_like(model: Ovis2_5) -> list[torch.nn.Parameter]:
 def test_gradient_checkpointing_gives_the_same_gradients(reference_model: Ovis2_5, expected: dict) -> None:
     model = copy.deepcopy(reference_model).train()
     trainable = _lora_like(model)
-    ids, mask = expected["input_ids"], expected["attention_mask"]
-    labels = torch.where((ids >= 0) & mask.bool(), ids, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX
-    batch = dict(input_ids=ids, pixel_values=expected["pixel_values"], grid_thws=expected["grid_thws"],
-                 attention_mask=mask, labels=labels)
+    batch = _labelled_batch(expected)
     loss = model(**batch).loss
     plain = torch.autograd.grad(loss, trainable)
     model.llm.set_gradient_checkpointing(True)
@@ -138,11 +142,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(reference_model: Ovis2
     model = copy.deepcopy(reference_model).train()
     trainable = [*_lora_like(model), model.visual_tokenizer.vit.vision_model.encoder.layers[0].mlp.fc1.weight]
     trainable[-1].requires_grad_(True)
-    ids, mask = expected["input_ids"], expected["attention_mask"]
-    labels = torch.where((ids >= 0) & mask.bool(), ids, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX
-    batch = dict(input_ids=ids, pixel_values=expected["pixel_values"], grid_thws=expected["grid_thws"],
-                 attention_mask=mask, labels=labels)
+    batch = _labelled_batch(expected)
     loss = model(**batch).loss
     plain = torch.autograd.grad(loss, trainable)
     torch._dynamo.reset()
