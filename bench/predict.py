@@ -33,8 +33,10 @@ import argparse
 import gc
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -51,6 +53,9 @@ from litovis.model.flops import (
 from litovis.model.generation import GenerationConfig
 from litovis.model.presets import preset
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import compiled_graphs  # noqa: E402
 
 TEST_ROWS = 2493
 QWEN_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|> (also pad)
@@ -155,11 +160,6 @@ def prefill_flops(config: OvisConfig, prompts: list[EncodedPrompt]) -> float:
     return total
 
 
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
 def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int, prompts: list[EncodedPrompt],
              text_batch: list[EncodedPrompt] | None, device: torch.device,
              varied: bool = False) -> tuple[Timing, Timing | None, list]:
@@ -193,7 +193,7 @@ def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int
     mean_len = sum(p.input_ids.numel() for p in prompts) / len(prompts)
     ours = Timing("litovis", batch, len(prompts), mean_len, seconds, new_tokens, prefill, decode_ms,
                   flops / sum(prefill) / 1e12, peak)
-    recompiled = compiled_graphs() - graphs
+    recompiled = (compiled_graphs() or 0) - (graphs or 0)  # None: the counter moved in this torch
     if recompiled:
         print(f"batch {batch}: {recompiled} graphs were compiled while timed (the timing includes compilation)")
     text_timing, text_tokens = None, []
