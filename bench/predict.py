@@ -22,6 +22,9 @@ reports any graph compiled while timed. `--answer-limit N` sizes the KV cache fo
 `--attend-multiple` is the decode attention's length step (`DecodeOptions.attend_multiple`; a
 huge value attends over the whole cache).
 
+`--fp8-prefill` times each variant a second time with the prefill's projections as FP8 matmuls
+(`litovis.model.fp8_prefill`), the "fp8" rows.
+
 Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares its
 greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
 near-flat logits, so full-row agreement is informative, not a pass/fail).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import math
 import platform
 import sys
@@ -50,6 +54,7 @@ from litovis.model.flops import (
     visual_head_forward_flops_per_atom,
     vit_forward_flops_per_patch,
 )
+from litovis.model.fp8_prefill import disable_fp8_prefill, enable_fp8_prefill
 from litovis.model.generation import GenerationConfig
 from litovis.model.presets import preset
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
@@ -307,6 +312,8 @@ def main() -> None:
     parser.add_argument("--varied", action="store_true",
                         help="prompt lengths in [0.6, 1.4] x --prompt-tokens, image sides up to what fits, longest "
                              "first; every batch runs once untimed first")
+    parser.add_argument("--fp8-prefill", action="store_true",
+                        help="after the bf16 runs, time every variant again with FP8 prefill projections")
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--sync-every", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -378,7 +385,10 @@ def main() -> None:
             text_ids = random_text((batches * batch, tokens), vocab, torch.Generator().manual_seed(args.seed + 1000 + batch))
             text = [EncodedPrompt(row.clone()) for row in text_ids[:batch]]
         ours_runs = []
-        for name, variant in options.items():
+        for (name, variant), fp8 in itertools.product(options.items(), (False, True) if args.fp8_prefill else (False,)):
+            if fp8:
+                enable_fp8_prefill(model)
+                name = f"{name} fp8"
             try:
                 ours, ours_text, text_tokens = run_ours(model, config, variant, batch, prompts, text, device,
                                                         args.varied)
@@ -388,6 +398,8 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            finally:
+                disable_fp8_prefill(model)  # the next variant starts from the bf16 model
             ours.name = f"litovis {name}"
             timings.append(ours)
             if ours_text is not None:

@@ -18,6 +18,7 @@ from litovis.data.batching import EncodedSample
 from litovis.inference.postprocess import clean_answer
 from litovis.inference.predictor import Predictor, generation_config, prompt_text, row_key
 from litovis.model.checkpoint import build_ovis
+from litovis.model.fp8_prefill import Fp8PrefillLinear
 from litovis.model.presets import preset
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
 from litovis.processing.chat import render_chat
@@ -116,3 +117,13 @@ def test_predictor_returns_records_with_cleaned_answers(tokenizer) -> None:
     assert settings.thinking_suffix.strip() not in records[1]["raw"]
     free = Predictor(model, tokenizer, replace(settings, thinking_budget=None))(batch)
     assert free[1] == records[1]
+
+
+def test_fp8_prefill_wraps_the_projections_of_the_merged_model(tokenizer) -> None:
+    model = build_ovis(preset("tiny")).eval()
+    Predictor(model, tokenizer, PredictConfig(fp8_prefill=True, cuda_graphs=False))
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, Fp8PrefillLinear)]
+    assert len(wrapped) == 26 and all(".layers." in name for name in wrapped)
+    plain = build_ovis(preset("tiny")).eval()
+    Predictor(plain, tokenizer, PredictConfig(cuda_graphs=False))
+    assert not any(isinstance(module, Fp8PrefillLinear) for module in plain.modules())

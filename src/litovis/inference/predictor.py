@@ -19,6 +19,7 @@ from litovis.data.batching import EncodedSample
 from litovis.data.sample import IMAGE_MARKER
 from litovis.inference.postprocess import clean_answer
 from litovis.model.decoding import DecodeOptions, FastGenerator
+from litovis.model.fp8_prefill import enable_fp8_prefill
 from litovis.model.generation import GenerationConfig
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID
 from litovis.processing.chat import ASSISTANT_HEADER, END_OF_TEXT, IM_END, THINK_END
@@ -79,11 +80,14 @@ def row_key(sample_id: str) -> int:
 
 
 class Predictor:
-    """Generates answers for batches of encoded prompts with one model."""
+    """Generates answers for batches of encoded prompts with one model (adapters merged: with
+    `fp8_prefill` its projections are wrapped in place)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: PredictConfig) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
+        if settings.fp8_prefill:
+            enable_fp8_prefill(model)
         options = DecodeOptions(cuda_graphs=settings.cuda_graphs)
         self.generator = FastGenerator(model, generation_config(settings, tokenizer), options)
 

@@ -152,6 +152,9 @@ class PredictConfig:
         thinking_suffix: text forced when the budget runs out; must end with `</think>` and a blank line.
         seed: sampling seed (a row's draws depend on its id, not on its batch).
         cuda_graphs: replay the decode step as a CUDA graph (CUDA only).
+        fp8_prefill: run the prefill's projections (LLM and ViT layers) as FP8 matmuls, decode steps
+            in bf16 (`litovis.model.fp8_prefill`; GPUs of compute capability 8.9+). Faster
+            prefill, slightly different answers: off by default.
         postprocess: answer cleaning rules applied to every generation.
     """
 
@@ -165,6 +168,7 @@ class PredictConfig:
     thinking_suffix: str = "\n\nTime is up, so I will answer now based on my thinking so far.\n</think>\n\n"
     seed: int = 0
     cuda_graphs: bool = True
+    fp8_prefill: bool = False
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
