@@ -140,3 +140,22 @@ def test_the_cuda_fp8_matmul_equals_the_dequantised_product() -> None:
     q_w, s_w = quantize_rows(linear.weight)
     expected = (q_x.float() * s_x) @ (q_w.float() * s_w).t() + linear.bias.float()
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_layers_trace_the_fp8_branch() -> None:
+    torch.manual_seed(0)
+    model = build_ovis(preset("tiny")).eval()
+    enable_fp8_prefill(model, min_rows=18)
+    prompts = _prompts()
+    eager = []
+    for rows in (prompts, prompts[:1]):  # 35 and 20 prompt tokens: FP8 in the LLM, bf16 in the 16-patch ViT
+        cache = RowKVCache(model.llm.config, 2, 64, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            eager.append(packed_prefill(model, rows, cache, range(len(rows))))
+    torch._dynamo.reset()
+    model.compile_layers(backend="aot_eager")
+    for rows, expected in zip((prompts, prompts[:1]), eager, strict=True):
+        cache = RowKVCache(model.llm.config, 2, 64, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(packed_prefill(model, rows, cache, range(len(rows))), expected)
+    torch._dynamo.reset()
