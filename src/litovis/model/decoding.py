@@ -14,9 +14,9 @@ One batch of encoded prompts goes through two phases:
   reading empty slots is what a decode step's attention would spend most of its time on.
   Batch and cache length are padded to buckets (padding rows are inactive and only ever emit
   pad); the step (embedding, layers, head, `TokenSelector.advance`) reads and writes fixed
-  buffers only, so on CUDA it is captured once per (batch bucket, cache length, attended length,
-  shared prefix: below) in a `torch.cuda.CUDAGraph` and replayed; a decoder serves every later
-  batch whose cache fits in its own. The host syncs only every `sync_every` steps, to stop once every row has finished;
+  buffers only, so on CUDA it is captured once per (batch bucket, cache length, attended length)
+  in a `torch.cuda.CUDAGraph` and replayed; a decoder serves every later batch whose cache fits in
+  its own. The host syncs only every `sync_every` steps, to stop once every row has finished;
   finished rows keep running harmlessly until then. Attention over the cache folds the query
   heads of each K/V head into one query block (no K/V repeat), through SDPA's fused kernel or two
   batched matmuls (`decode_attention`); with SDPA, the slots every prompt of the batch fills are
