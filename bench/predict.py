@@ -278,7 +278,7 @@ def agreement(ours: list[torch.Tensor], theirs: torch.Tensor) -> str:
 
 
 def print_table(timings: list[Timing]) -> None:
-    header = (f"{'impl':<20} {'batch':>5} {'rows':>5} {'prompt':>7} {'s/batch':>8} {'new tok/s':>10} "
+    header = (f"{'impl':<16} {'batch':>5} {'rows':>5} {'prompt':>7} {'s/batch':>8} {'new tok/s':>10} "
               f"{'prefill s':>9} {'TFLOP/s':>8} {'decode ms/step':>14} {'2,493 rows':>10} {'peak GiB':>8}  agree")
     print(header)
     print("-" * len(header))
@@ -287,7 +287,7 @@ def print_table(timings: list[Timing]) -> None:
         tflops = f"{t.prefill_tflops:.0f}" if t.prefill_tflops else "-"
         decode = f"{sum(t.decode_ms) / len(t.decode_ms):.2f}" if t.decode_ms else "-"
         peak = f"{t.peak_gib:.1f}" if t.peak_gib is not None else "-"
-        print(f"{t.name:<20} {t.batch:>5} {t.rows:>5} {t.prompt_tokens:>7.0f} {t.per_batch:>8.2f} "
+        print(f"{t.name:<16} {t.batch:>5} {t.rows:>5} {t.prompt_tokens:>7.0f} {t.per_batch:>8.2f} "
               f"{t.tokens_per_s:>10.0f} {prefill:>9} {tflops:>8} {decode:>14} {t.projected_min():>8.1f} m "
               f"{peak:>8}  {t.agree}")
 
@@ -302,8 +302,7 @@ def main() -> None:
                         help="torch.compile the LLM decoder and ViT encoder layers in place")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--decode-attention", default="sdpa,matmul",
-                        help="decode attention variants to time, comma-separated (sdpa, matmul, and "
-                             "sdpa-masked: SDPA with the mask over every slot, no unmasked shared prefix)")
+                        help="decode attention variants to time, comma-separated (sdpa, matmul)")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (default 1940; --small: 64)")
     parser.add_argument("--image-side", type=int, default=None, help="image side in px (default 1280; --small: 64)")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -350,8 +349,8 @@ def main() -> None:
                               pad_token_id=eos[1])
     variants = args.decode_attention.split(",")
     options = {name: DecodeOptions(max_prefill_tokens=args.max_prefill_tokens, sync_every=args.sync_every,
-                                   cuda_graphs=args.cuda_graphs, decode_attention=name.removesuffix("-masked"),
-                                   shared_prefix=not name.endswith("-masked"), attend_multiple=args.attend_multiple)
+                                   cuda_graphs=args.cuda_graphs, decode_attention=name,
+                                   attend_multiple=args.attend_multiple)
                for name in variants}
     for variant in options.values():
         variant.validate()

@@ -333,18 +333,6 @@ def test_mismatched_images_name_the_prompt(tiny_model_f64: Ovis2_5, prompts: lis
         check_prompt(EncodedPrompt(torch.tensor([], dtype=torch.long)), 3)
 
 
-def test_a_shared_prefix_attended_without_the_mask_gives_the_reference_tokens(tiny_model_f64: Ovis2_5,
-                                                                             prompts: list[EncodedPrompt]) -> None:
-    longer = [p for p in prompts if p.input_ids.numel() >= 9]  # the shortest fills 8 slots of every row
-    options = DecodeOptions(attend_multiple=4, cuda_graphs=False)
-    generator = FastGenerator(tiny_model_f64, _config(), options)
-    tokens = pad_results(generator.generate(longer), PAD)
-    assert generator._decoder.shared == 8
-    assert torch.equal(tokens, reference(tiny_model_f64, longer, _config()))
-    unsplit = fast(tiny_model_f64, longer, _config(), dataclasses.replace(options, shared_prefix=False))
-    assert torch.equal(unsplit, tokens)
-
-
 def test_attended_lengths_cover_every_position(tiny_model_f64: Ovis2_5) -> None:
     options = DecodeOptions(attend_multiple=16, cuda_graphs=False)
     decoder = StaticDecoder(tiny_model_f64, _config(), 2, 40, options)

@@ -38,8 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from litovis.model.shared_prefix_attention import shared_prefix_attention
-
 BackendName = Literal["auto", "sdpa", "varlen"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
 
@@ -129,9 +127,6 @@ class AttentionLayout:
     """bool `[B or 1, 1, Tq, Tk]`, True where a query may attend a key (SDPA backend)."""
     runs: tuple[tuple[int, int, int], ...] = ()
     """`(first position, sequences, length)` of each run of equal-length sequences (per_sequence backend)."""
-    shared_keys: int = 0
-    """Single-query decoding (SDPA backend): the first keys, valid for every row, that are attended
-    without the mask (`litovis.model.shared_prefix_attention`; 0 = the whole mask)."""
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -272,7 +267,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLa
     groups = q.shape[1] // k.shape[1]
     mask = layout.mask
     if groups > 1 and q.shape[2] == 1 and not (layout.causal and mask is None):
-        return _sdpa_single_query(q, k, v, mask, scale, layout.shared_keys).transpose(1, 2)
+        return _sdpa_single_query(q, k, v, mask, scale).transpose(1, 2)
     # SDPA's own GQA is used on CPU only: on CUDA (torch 2.11) `enable_gqa` fails in some kernels
     # it may pick, with or without a mask. Packed training and prefill take the varlen kernel
     # (native GQA) and decoding folds heads, so repeating K/V here costs little where it matters.
@@ -315,21 +310,17 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Att
 
 
 def _sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float, shared_keys: int = 0) -> torch.Tensor:
+                       scale: float) -> torch.Tensor:
     """One query per row (decoding), q `[B, Hq, 1, D]`, k/v `[B, Hkv, Tk, D]` -> `[B, Hq, 1, D]`.
 
     The query heads sharing one K/V head are folded into the query axis (`[B, Hkv, G, D]`), so
     each cached K/V head is read once and never repeated: decoding is bound by reading the cache.
-    The mask `[B, 1, 1, Tk]` is the same for the folded queries; its first `shared_keys` keys,
-    valid for every row, are attended without it.
+    The mask `[B, 1, 1, Tk]` is the same for the folded queries.
     """
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-    if shared_keys and mask is not None:
-        out = shared_prefix_attention(folded, k, v, mask, shared_keys, scale)
-    else:
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, 1, dim)
 
 

@@ -19,9 +19,7 @@ One batch of encoded prompts goes through two phases:
   its own. The host syncs only every `sync_every` steps, to stop once every row has finished;
   finished rows keep running harmlessly until then. Attention over the cache folds the query
   heads of each K/V head into one query block (no K/V repeat), through SDPA's fused kernel or two
-  batched matmuls (`decode_attention`); with SDPA, the slots every prompt of the batch fills are
-  attended without the mask (`litovis.model.shared_prefix_attention`). A batch that runs out of
-  GPU memory is generated in halves.
+  batched matmuls (`decode_attention`). A batch that runs out of GPU memory is generated in halves.
 
 On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
 the eager reference `litovis.model.generation.generate`. Decoder layers compiled in place
@@ -95,9 +93,6 @@ class DecodeOptions:
     """Capture the decode step in a CUDA graph (CUDA only; eager elsewhere)."""
     decode_attention: str = "sdpa"
     """Decode-step attention over the cache: `"sdpa"` (fused kernel) or `"matmul"` (two batched matmuls)."""
-    shared_prefix: bool = True
-    """With `"sdpa"`: attend without a mask over the slots every prompt of the batch fills (the
-    shortest prompt, rounded down to `attend_multiple`), with the mask over the rest."""
 
     def validate(self) -> None:
         """Raise on impossible settings."""
@@ -166,18 +161,17 @@ def packed_prefill(model: Ovis2_5, prompts: Sequence[PromptInputs], cache: RowKV
 
 def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                   rows: torch.Tensor, slot_ids: torch.Tensor, attention: str = "sdpa",
-                  length: int | None = None, shared: int = 0) -> torch.Tensor:
+                  length: int | None = None) -> torch.Tensor:
     """Logits `[B, V]` of one decode step: token b at position (= cache slot) `positions[b]`.
 
     `attention` is the attention backend over the cache (`"sdpa"` or `"matmul"`); the step attends
-    over the first `length` slots (default: all), which must hold every position. The first
-    `shared` slots hold keys of every row: SDPA attends over them without the mask.
+    over the first `length` slots (default: all), which must hold every position.
     """
     if length is not None:
         cache, slot_ids = cache.prefix(length), slot_ids[:length]
     hidden = llm.model.embed_tokens(tokens[:, None])
     mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
-    layout = AttentionLayout(causal=True, backend=attention, mask=mask, shared_keys=shared)
+    layout = AttentionLayout(causal=True, backend=attention, mask=mask)
     write = CacheWrite(rows=rows, slots=positions, attend_cache=True)
     hidden = llm.run_layers(hidden, positions[:, None], layout, cache, write)
     return llm.logits(hidden[:, 0])
@@ -187,8 +181,7 @@ class StaticDecoder:
     """Fixed buffers for one (batch, cache length): the cache, the selector, positions, the step.
 
     `step(length)` runs one decode step attending over the first `length` slots (one of
-    `lengths`), the first `shared` of them without a mask (set per batch: slots that every row's
-    prompt fills). On CUDA each (shared, length) step is captured in a CUDA graph the first time it is needed,
+    `lengths`). On CUDA each length's step is captured in a CUDA graph the first time it is needed,
     right after running that step eagerly (which also meets a compiled layer's new shape outside
     the capture), and replayed from then on; the graphs share one memory pool (they never run at
     once and keep no outputs).
@@ -210,9 +203,7 @@ class StaticDecoder:
         multiple = options.attend_multiple
         self.lengths = sorted({min(k * multiple, max_len) for k in range(1, -(-max_len // multiple) + 1)})
         """The attended lengths: multiples of `attend_multiple` and the whole cache."""
-        self.shared = 0
-        """Leading slots every active row attends (a multiple of `attend_multiple`; 0 = all masked)."""
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._graphed = options.cuda_graphs and device.type == "cuda"
         if self._graphed:
@@ -224,7 +215,7 @@ class StaticDecoder:
 
     def _eager_step(self, length: int) -> None:
         logits = decode_logits(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
-                               self.attention, length, self.shared)
+                               self.attention, length)
         self.selector.advance(logits)
         self.positions.add_(1)
 
@@ -233,7 +224,6 @@ class StaticDecoder:
         """A few eager steps on a side stream before the first capture; the buffers are reset before use."""
         self.selector.reset(torch.zeros_like(self.selector.unfinished))
         self.positions.zero_()
-        self.shared = 0
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -252,12 +242,12 @@ class StaticDecoder:
             raise RuntimeError(f"capturing the decode step in a CUDA graph failed ({err}); "
                                "DecodeOptions(cuda_graphs=False) runs the same step eagerly") from err
         self._pool = graph.pool()
-        self.graphs[self.shared, length] = graph
+        self.graphs[length] = graph
 
     @torch.no_grad()
     def step(self, length: int) -> None:
         """One decode step on the current buffers, attending over the first `length` slots."""
-        graph = self.graphs.get((self.shared, length))
+        graph = self.graphs.get(length)
         if graph is not None:
             graph.replay()
             return
@@ -368,8 +358,6 @@ class FastGenerator:
             decoder.logits[start:end] = packed_prefill(self.model, prompts[start:end], decoder.cache,
                                                        range(start, end)).float()
         decoder.positions[:count] = torch.tensor(lengths, device=decoder.positions.device)
-        split = options.shared_prefix and options.decode_attention == "sdpa"
-        decoder.shared = min(lengths) // options.attend_multiple * options.attend_multiple if split else 0
         selector.advance(decoder.logits)
         self._count = count
         self._longest = max(lengths)
