@@ -148,7 +148,7 @@ def test_compiled_layers_trace_the_fp8_branch() -> None:
     enable_fp8_prefill(model, min_rows=18)
     prompts = _prompts()
     eager = []
-    for rows in (prompts, prompts[:1]):  # 35 and 20 prompt tokens: FP8 in the LLM, bf16 in the 16-patch ViT
+    for rows in (prompts, prompts[:1]):  # 29 and 20 prompt tokens: FP8 in the LLM, bf16 in the 16-patch ViT
         cache = RowKVCache(model.llm.config, 2, 64, torch.float32, torch.device("cpu"))
         with torch.no_grad():
             eager.append(packed_prefill(model, rows, cache, range(len(rows))))

@@ -12,9 +12,10 @@ On CPU the same quantised product is computed in float32 (tests).
 Scales are per row: each weight's output row and each activation row (token) is scaled to e4m3's
 range (±448) on its own, so a token's result does not depend on the other tokens of its chunk.
 `enable_fp8_prefill(model)` wraps every projection of the LLM decoder layers and of the ViT
-encoder layers (after any LoRA adapter was merged) in `Fp8PrefillLinear` (`disable_fp8_prefill` puts them back); the visual head stays in
-bf16 (its 65,532 outputs are not a multiple of 16, which FP8 matmuls need). Inference only: the
-wrappers change the module names of a state dict, so nothing is saved from a wrapped model.
+encoder layers (after any LoRA adapter was merged) in `Fp8PrefillLinear`, and
+`disable_fp8_prefill` puts them back; the visual head stays in bf16 (its 65,532 outputs are not
+a multiple of 16, which FP8 matmuls need). Inference only: the wrappers change the module names
+of a state dict, so nothing is saved from a wrapped model.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def base_linear(module: nn.Module) -> nn.Linear:
 class Fp8PrefillLinear(nn.Module):
     """A projection whose inputs of at least `min_rows` rows go through an FP8 matmul.
 
-    Fewer rows (decode steps, short chunks) run the wrapped module unchanged. The FP8 weight and
-    its scales are buffers made once here, not saved.
+    Fewer rows (decode steps, short chunks) run the wrapped module unchanged. The FP8 weight, its
+    scales and the bias are buffers taken once here (the weights are frozen), not saved.
     """
 
     def __init__(self, projection: nn.Module, min_rows: int) -> None:
@@ -66,6 +67,7 @@ class Fp8PrefillLinear(nn.Module):
             weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight_fp8", weight, persistent=False)
         self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -77,9 +79,8 @@ class Fp8PrefillLinear(nn.Module):
                                    out_dtype=x.dtype)
         else:  # row-wise scaled FP8 matmuls are CUDA-only in torch 2.11: the same product, dequantised
             out = ((flat.float() * scale) @ (self.weight_fp8.float() * self.weight_scale.t()).t()).to(x.dtype)
-        bias = base_linear(self.projection).bias
-        if bias is not None:
-            out = out + bias
+        if self.bias is not None:
+            out = out + self.bias
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
