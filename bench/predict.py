@@ -25,7 +25,8 @@ huge value attends over the whole cache).
 `--fp8-prefill` times each variant a second time with the prefill's projections as FP8 matmuls
 (`litovis.model.fp8_prefill`), the "fp8" rows.
 
-Each decode-attention variant (`--decode-attention sdpa,matmul`) is timed; "agree" compares its
+Each decode-attention variant (`--decode-attention sdpa,matmul,split_kv`; `split_kv+fp8kv`: over a
+float8 KV cache) is timed; "agree" compares its
 greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
 near-flat logits, so full-row agreement is informative, not a pass/fail).
 """
@@ -278,7 +279,7 @@ def agreement(ours: list[torch.Tensor], theirs: torch.Tensor) -> str:
 
 
 def print_table(timings: list[Timing]) -> None:
-    header = (f"{'impl':<16} {'batch':>5} {'rows':>5} {'prompt':>7} {'s/batch':>8} {'new tok/s':>10} "
+    header = (f"{'impl':<28} {'batch':>5} {'rows':>5} {'prompt':>7} {'s/batch':>8} {'new tok/s':>10} "
               f"{'prefill s':>9} {'TFLOP/s':>8} {'decode ms/step':>14} {'2,493 rows':>10} {'peak GiB':>8}  agree")
     print(header)
     print("-" * len(header))
@@ -287,7 +288,7 @@ def print_table(timings: list[Timing]) -> None:
         tflops = f"{t.prefill_tflops:.0f}" if t.prefill_tflops else "-"
         decode = f"{sum(t.decode_ms) / len(t.decode_ms):.2f}" if t.decode_ms else "-"
         peak = f"{t.peak_gib:.1f}" if t.peak_gib is not None else "-"
-        print(f"{t.name:<16} {t.batch:>5} {t.rows:>5} {t.prompt_tokens:>7.0f} {t.per_batch:>8.2f} "
+        print(f"{t.name:<28} {t.batch:>5} {t.rows:>5} {t.prompt_tokens:>7.0f} {t.per_batch:>8.2f} "
               f"{t.tokens_per_s:>10.0f} {prefill:>9} {tflops:>8} {decode:>14} {t.projected_min():>8.1f} m "
               f"{peak:>8}  {t.agree}")
 
@@ -349,8 +350,8 @@ def main() -> None:
                               pad_token_id=eos[1])
     variants = args.decode_attention.split(",")
     options = {name: DecodeOptions(max_prefill_tokens=args.max_prefill_tokens, sync_every=args.sync_every,
-                                   cuda_graphs=args.cuda_graphs, decode_attention=name,
-                                   attend_multiple=args.attend_multiple)
+                                   cuda_graphs=args.cuda_graphs, decode_attention=name.removesuffix("+fp8kv"),
+                                   fp8_kv_cache=name.endswith("+fp8kv"), attend_multiple=args.attend_multiple)
                for name in variants}
     for variant in options.values():
         variant.validate()

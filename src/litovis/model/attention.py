@@ -19,7 +19,9 @@ explicitly for a backend that cannot run raises. Bidirectional sequences of host
 `"per_sequence"`, one SDPA call per run of equal-length sequences with cuDNN's kernel first
 (about 1.4x the varlen flash kernel at the ViT's head_dim 72 on an H200). Decoding layouts (one
 query per row over a cache) may also name `"matmul"`: two batched matmuls with a float32
-softmax, an alternative to SDPA's fused kernels for that shape.
+softmax, an alternative to SDPA's fused kernels for that shape, or `"split_kv"`: the Triton
+kernel of `litovis.model.split_kv_decoding`, which reads each row's filled slots only (no mask)
+and also reads a float8 cache.
 
 Grouped-query attention: K/V keep their own head count where the kernel accepts it
 (varlen with `enable_gqa` or flash-attn, SDPA on CPU or without a mask, and single-query decoding,
@@ -37,6 +39,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import litovis.model.split_kv_decoding  # noqa: F401  (registers torch.ops.litovis.split_kv_decode)
 
 BackendName = Literal["auto", "sdpa", "varlen"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
@@ -118,7 +122,7 @@ class AttentionLayout:
     causal: bool
     """Queries attend only to keys at earlier or equal positions."""
     backend: str
-    """`"varlen"`, `"sdpa"` or `"per_sequence"` (already resolved), or `"matmul"` for single-query decoding."""
+    """`"varlen"`, `"sdpa"` or `"per_sequence"` (already resolved), or `"matmul"`/`"split_kv"` for single-query decoding."""
     cu_seqlens: torch.Tensor | None = None
     """int32 `[S + 1]` sequence boundaries of a packed row (varlen backend)."""
     max_seqlen: int | None = None
@@ -127,6 +131,10 @@ class AttentionLayout:
     """bool `[B or 1, 1, Tq, Tk]`, True where a query may attend a key (SDPA backend)."""
     runs: tuple[tuple[int, int, int], ...] = ()
     """`(first position, sequences, length)` of each run of equal-length sequences (per_sequence backend)."""
+    key_lengths: torch.Tensor | None = None
+    """int32 `[B]`: row b attends its first `key_lengths[b]` keys (split_kv backend)."""
+    splits: int = 1
+    """Pieces the keys of each row are cut into, run in parallel (split_kv backend)."""
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -349,15 +357,27 @@ def attend(
     v: torch.Tensor,
     layout: AttentionLayout,
     scale: float | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of q `[B, Tq, Hq, D]` over k, v `[B, Tk, Hkv, D]`; returns `[B, Tq, Hq, D]`.
 
     `Hq` must be a multiple of `Hkv` (grouped-query attention). `scale` defaults to `D ** -0.5`.
-    The varlen backend needs a packed layout (`B == 1`).
+    The varlen backend needs a packed layout (`B == 1`). K/V of another dtype than q are cast to
+    q's, except float8 K/V with their (key, value) scales `[B, Hkv, Tk]` (`kv_scales`), which only
+    the split_kv backend reads.
     """
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if layout.backend == "split_kv":
+        if q.shape[1] != 1 or layout.key_lengths is None:
+            raise ValueError("the split_kv backend serves single-query decoding with key_lengths only")
+        key_scales, value_scales = kv_scales if kv_scales is not None else (None, None)
+        return torch.ops.litovis.split_kv_decode(q, k, v, layout.key_lengths, key_scales, value_scales, scale,
+                                                 layout.splits)
+    if kv_scales is not None:
+        raise ValueError(f"quantised keys/values are read by the split_kv backend only, not {layout.backend!r}")
+    k, v = k.to(q.dtype), v.to(q.dtype)
     if layout.backend == "matmul":
         if q.shape[1] != 1:
             raise ValueError(f"the matmul backend serves single-query decoding only, got {q.shape[1]} queries per row")

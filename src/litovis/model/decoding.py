@@ -18,8 +18,9 @@ One batch of encoded prompts goes through two phases:
   in a `torch.cuda.CUDAGraph` and replayed; a decoder serves every later batch whose cache fits in
   its own. The host syncs only every `sync_every` steps, to stop once every row has finished;
   finished rows keep running harmlessly until then. Attention over the cache folds the query
-  heads of each K/V head into one query block (no K/V repeat), through SDPA's fused kernel or two
-  batched matmuls (`decode_attention`). A batch that runs out of GPU memory is generated in halves.
+  heads of each K/V head into one query block (no K/V repeat), through SDPA's fused kernel, two
+  batched matmuls or the split-KV Triton kernel (`decode_attention`), the last of which can also
+  read a float8 cache (`fp8_kv_cache`). A batch that runs out of GPU memory is generated in halves.
 
 On CPU (or with `cuda_graphs=False`) the very same step runs eagerly; tests compare it with
 the eager reference `litovis.model.generation.generate`. Decoder layers compiled in place
@@ -40,6 +41,7 @@ import torch
 from litovis.model.attention import AttentionLayout, packed_layout
 from litovis.model.generation import GenerationConfig, TokenSelector, thinking_closed
 from litovis.model.row_kv_cache import CacheWrite, RowKVCache
+from litovis.model.split_kv_decoding import choose_splits, split_kv_available
 from litovis.model.tokens import IMAGE_START_ID, VISUAL_ATOM_ID
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+DECODE_ATTENTIONS: tuple[str, ...] = ("sdpa", "matmul", "split_kv")
 
 
 class PromptInputs(Protocol):
@@ -92,7 +95,11 @@ class DecodeOptions:
     cuda_graphs: bool = True
     """Capture the decode step in a CUDA graph (CUDA only; eager elsewhere)."""
     decode_attention: str = "sdpa"
-    """Decode-step attention over the cache: `"sdpa"` (fused kernel) or `"matmul"` (two batched matmuls)."""
+    """Decode-step attention over the cache: `"sdpa"` (fused kernel), `"matmul"` (two batched
+    matmuls) or `"split_kv"` (`litovis.model.split_kv_decoding`: Triton, CUDA)."""
+    fp8_kv_cache: bool = False
+    """Store keys/values as float8 with per-vector scales: half the bytes a decode step reads,
+    slightly different answers (needs `decode_attention="split_kv"`)."""
 
     def validate(self) -> None:
         """Raise on impossible settings."""
@@ -106,8 +113,12 @@ class DecodeOptions:
             raise ValueError(f"attend_multiple must be >= 1, got {self.attend_multiple}")
         if self.sync_every < 0:
             raise ValueError(f"sync_every must be >= 0, got {self.sync_every}")
-        if self.decode_attention not in ("sdpa", "matmul"):
-            raise ValueError(f"decode_attention must be 'sdpa' or 'matmul', got {self.decode_attention!r}")
+        if self.decode_attention not in DECODE_ATTENTIONS:
+            raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
+                             f"got {self.decode_attention!r}")
+        if self.fp8_kv_cache and self.decode_attention != "split_kv":
+            raise ValueError(f"fp8_kv_cache is read by decode_attention='split_kv' only, "
+                             f"not {self.decode_attention!r}")
 
 
 def bucket_size(size: int, buckets: Sequence[int]) -> int:
@@ -161,17 +172,22 @@ def packed_prefill(model: Ovis2_5, prompts: Sequence[PromptInputs], cache: RowKV
 
 def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                   rows: torch.Tensor, slot_ids: torch.Tensor, attention: str = "sdpa",
-                  length: int | None = None) -> torch.Tensor:
+                  length: int | None = None, splits: int = 1) -> torch.Tensor:
     """Logits `[B, V]` of one decode step: token b at position (= cache slot) `positions[b]`.
 
-    `attention` is the attention backend over the cache (`"sdpa"` or `"matmul"`); the step attends
-    over the first `length` slots (default: all), which must hold every position.
+    `attention` is the attention backend over the cache (`"sdpa"`, `"matmul"` or `"split_kv"`,
+    which cuts each row's slots into `splits` pieces); the step attends over the first `length`
+    slots (default: all), which must hold every position.
     """
     if length is not None:
         cache, slot_ids = cache.prefix(length), slot_ids[:length]
     hidden = llm.model.embed_tokens(tokens[:, None])
-    mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
-    layout = AttentionLayout(causal=True, backend=attention, mask=mask)
+    if attention == "split_kv":
+        layout = AttentionLayout(causal=True, backend=attention, key_lengths=(positions + 1).to(torch.int32),
+                                 splits=splits)
+    else:
+        mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
+        layout = AttentionLayout(causal=True, backend=attention, mask=mask)
     write = CacheWrite(rows=rows, slots=positions, attend_cache=True)
     hidden = llm.run_layers(hidden, positions[:, None], layout, cache, write)
     return llm.logits(hidden[:, 0])
@@ -192,8 +208,11 @@ class StaticDecoder:
         llm = model.llm
         weight = llm.model.embed_tokens.weight
         device = weight.device
+        if options.decode_attention == "split_kv" and not split_kv_available(device):
+            raise RuntimeError(f"decode_attention='split_kv' needs Triton and a CUDA device (the model is on "
+                               f"{device.type}); choose 'sdpa' or 'matmul'")
         self.llm = llm
-        self.cache = RowKVCache(llm.config, batch, max_len, weight.dtype, device)
+        self.cache = RowKVCache(llm.config, batch, max_len, weight.dtype, device, quantized=options.fp8_kv_cache)
         self.selector = TokenSelector(config, batch, llm.config.vocab_size, device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = torch.arange(batch, device=device)
@@ -203,6 +222,10 @@ class StaticDecoder:
         multiple = options.attend_multiple
         self.lengths = sorted({min(k * multiple, max_len) for k in range(1, -(-max_len // multiple) + 1)})
         """The attended lengths: multiples of `attend_multiple` and the whole cache."""
+        processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.splits = {length: choose_splits(batch, llm.config.num_key_value_heads, length, processors)
+                       for length in self.lengths}
+        """Pieces per row of each attended length (split_kv attention)."""
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._graphed = options.cuda_graphs and device.type == "cuda"
@@ -215,7 +238,7 @@ class StaticDecoder:
 
     def _eager_step(self, length: int) -> None:
         logits = decode_logits(self.llm, self.cache, self.selector.tokens, self.positions, self.rows, self.slot_ids,
-                               self.attention, length)
+                               self.attention, length, self.splits[length])
         self.selector.advance(logits)
         self.positions.add_(1)
 

@@ -29,7 +29,7 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` `[M, K]` as float8 e4m3 and its float32 scales `[M, 1]` (x ≈ q * scale, per row)."""
+    """`x` `[..., K]` as float8 e4m3 and its float32 scales `[..., 1]` (x ≈ q * scale, per row)."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 

@@ -71,9 +71,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class LayerKV(Protocol):
     """What a decoder layer needs from a cache: store its new keys/values, return the keys/values the
-    queries attend to (`[B, Tk, kv_heads, head_dim]`, any strides)."""
+    queries attend to (`[B, Tk, kv_heads, head_dim]`, any strides) and their (key, value) scales
+    when they are stored quantised (else None)."""
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, slots: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor,
+               slots: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         ...
 
 
@@ -110,11 +112,11 @@ class StaticLayerKV:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Write k/v `[B, Tq, Hkv, D]` at cache slots `[Tq]`; return the whole cache of this layer."""
         self.keys.index_copy_(1, slots, k.to(self.keys.dtype))
         self.values.index_copy_(1, slots, v.to(self.values.dtype))
-        return self.keys, self.values
+        return self.keys, self.values, None
 
 
 class Qwen3Attention(nn.Module):
@@ -146,9 +148,10 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv_scales = None
         if cache is not None:
-            k, v = cache.update(k, v, cache_slots)
-        out = attend(q, k.to(q.dtype), v.to(q.dtype), layout)
+            k, v, kv_scales = cache.update(k, v, cache_slots)
+        out = attend(q, k, v, layout, kv_scales=kv_scales)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -322,8 +325,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Decoder layers and final norm over input embeddings `[B, T, hidden]` with a ready layout.
 
         The lower half of `forward`, for callers that build their own layout and cache: anything
-        with `layer(i).update(k, v, cache_slots) -> (keys, values)` serves as `cache` (the keys and
-        values it returns are what the queries attend to under `layout`).
+        with `layer(i).update(k, v, cache_slots) -> (keys, values, scales)` serves as `cache` (the
+        keys and values it returns are what the queries attend to under `layout`).
         """
         cos, sin = rotary_cos_sin(position_ids.to(hidden.device), self.config.head_dim, self.config.rope_theta, hidden.dtype)
         training = torch.is_grad_enabled() and cache is None
