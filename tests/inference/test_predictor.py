@@ -20,6 +20,7 @@ from litovis.inference.predictor import Predictor, generation_config, prompt_tex
 from litovis.model.checkpoint import build_ovis
 from litovis.model.fp8_prefill import Fp8PrefillLinear
 from litovis.model.presets import preset
+from litovis.model.split_kv_decoding import split_kv_available
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
 from litovis.processing.chat import render_chat
 from litovis.processing.processor import OvisProcessor
@@ -127,3 +128,19 @@ def test_fp8_prefill_wraps_the_projections_of_the_merged_model(tokenizer) -> Non
     plain = build_ovis(preset("tiny")).eval()
     Predictor(plain, tokenizer, PredictConfig(cuda_graphs=False))
     assert not any(isinstance(module, Fp8PrefillLinear) for module in plain.modules())
+
+
+def test_decode_attention_resolves_per_device_and_a_float8_cache_needs_split_kv(tokenizer) -> None:
+    model = build_ovis(preset("tiny")).eval()
+    kernel = split_kv_available(torch.device("cpu"))  # only under Triton's interpreter
+    predictor = Predictor(model, tokenizer, PredictConfig(cuda_graphs=False))
+    assert predictor.generator.options.decode_attention == ("split_kv" if kernel else "sdpa")
+    matmul = Predictor(model, tokenizer, PredictConfig(cuda_graphs=False, decode_attention="matmul"))
+    assert matmul.generator.options.decode_attention == "matmul"
+    with pytest.raises(ValueError, match="fp8_kv_cache"):
+        Predictor(model, tokenizer, PredictConfig(cuda_graphs=False, decode_attention="sdpa", fp8_kv_cache=True))
+    with pytest.raises(ValueError, match="decode_attention must be"):
+        Predictor(model, tokenizer, PredictConfig(decode_attention="flash"))
+    if not kernel:
+        with pytest.raises(RuntimeError, match="needs Triton and a CUDA device"):
+            Predictor(model, tokenizer, PredictConfig(decode_attention="split_kv"))

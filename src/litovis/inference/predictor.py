@@ -18,7 +18,7 @@ import torch
 from litovis.data.batching import EncodedSample
 from litovis.data.sample import IMAGE_MARKER
 from litovis.inference.postprocess import clean_answer
-from litovis.model.decoding import DecodeOptions, FastGenerator
+from litovis.model.decoding import DecodeOptions, FastGenerator, resolve_decode_attention
 from litovis.model.fp8_prefill import enable_fp8_prefill
 from litovis.model.generation import GenerationConfig
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID
@@ -88,7 +88,10 @@ class Predictor:
         self.settings = settings
         if settings.fp8_prefill:
             enable_fp8_prefill(model)
-        options = DecodeOptions(cuda_graphs=settings.cuda_graphs)
+        device = next(model.parameters()).device
+        options = DecodeOptions(cuda_graphs=settings.cuda_graphs, fp8_kv_cache=settings.fp8_kv_cache,
+                                decode_attention=resolve_decode_attention(settings.decode_attention, device))
+        options.validate()
         self.generator = FastGenerator(model, generation_config(settings, tokenizer), options)
 
     @torch.inference_mode()

@@ -121,6 +121,20 @@ class DecodeOptions:
                              f"not {self.decode_attention!r}")
 
 
+def resolve_decode_attention(name: str, device: torch.device) -> str:
+    """The decode attention `name` stands for on `device`: `"auto"` is split_kv where its kernel
+    runs, else sdpa; an explicit split_kv that cannot run raises."""
+    available = split_kv_available(device)
+    if name == "auto":
+        return "split_kv" if available else "sdpa"
+    if name not in DECODE_ATTENTIONS:
+        raise ValueError(f"decode_attention must be auto or one of {', '.join(DECODE_ATTENTIONS)}, got {name!r}")
+    if name == "split_kv" and not available:
+        raise RuntimeError(f"decode_attention='split_kv' needs Triton and a CUDA device (the model is on "
+                           f"{device.type}); choose 'sdpa' or 'matmul'")
+    return name
+
+
 def bucket_size(size: int, buckets: Sequence[int]) -> int:
     """The smallest bucket holding `size` rows (`size` itself beyond the largest bucket)."""
     fitting = [b for b in buckets if b >= size]
@@ -208,9 +222,7 @@ class StaticDecoder:
         llm = model.llm
         weight = llm.model.embed_tokens.weight
         device = weight.device
-        if options.decode_attention == "split_kv" and not split_kv_available(device):
-            raise RuntimeError(f"decode_attention='split_kv' needs Triton and a CUDA device (the model is on "
-                               f"{device.type}); choose 'sdpa' or 'matmul'")
+        resolve_decode_attention(options.decode_attention, device)  # raises where split_kv cannot run
         self.llm = llm
         self.cache = RowKVCache(llm.config, batch, max_len, weight.dtype, device, quantized=options.fp8_kv_cache)
         self.selector = TokenSelector(config, batch, llm.config.vocab_size, device)
