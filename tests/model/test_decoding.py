@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from litovis.model.checkpoint import build_ovis
+from litovis.model.decode_step import StaticDecoder, decode_logits
 from litovis.model.decoding import (
     DecodeOptions,
     EncodedPrompt,
     FastGenerator,
-    StaticDecoder,
     bucket_size,
     check_prompt,
-    decode_logits,
     packed_prefill,
 )
 from litovis.model.generation import GenerationConfig, generate

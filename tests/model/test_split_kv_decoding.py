@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from litovis.model.checkpoint import build_ovis
-from litovis.model.decoding import DecodeOptions, FastGenerator, StaticDecoder, decode_logits
+from litovis.model.decode_step import StaticDecoder, decode_logits
+from litovis.model.decoding import DecodeOptions, FastGenerator
 from litovis.model.fp8_prefill import quantize_rows
 from litovis.model.generation import GenerationConfig
 from litovis.model.presets import preset

@@ -18,7 +18,8 @@ import torch
 from litovis.data.batching import EncodedSample
 from litovis.data.sample import IMAGE_MARKER
 from litovis.inference.postprocess import clean_answer
-from litovis.model.decoding import DecodeOptions, FastGenerator, resolve_decode_attention
+from litovis.model.decode_step import resolve_decode_attention
+from litovis.model.decoding import DecodeOptions, FastGenerator
 from litovis.model.fp8_prefill import enable_fp8_prefill
 from litovis.model.generation import GenerationConfig
 from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID
