@@ -22,20 +22,19 @@ reports any graph compiled while timed. `--answer-limit N` sizes the KV cache fo
 `--attend-multiple` is the decode attention's length step (`DecodeOptions.attend_multiple`; a
 huge value attends over the whole cache).
 
-`--fp8-prefill` times each variant a second time with the prefill's projections as FP8 matmuls
-(`litovis.model.fp8_prefill`), the "fp8" rows.
-
-Each decode-attention variant (`--decode-attention sdpa,matmul,split_kv`; `split_kv+fp8kv`: over a
-float8 KV cache) is timed; "agree" compares its
-greedy tokens with transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding differs between the two, and random weights give
-near-flat logits, so full-row agreement is informative, not a pass/fail).
+Each variant of `--decode-attention` is timed: a decode attention (`sdpa`, `matmul`, `split_kv`)
+with optional suffixes, `+fp8kv` (a float8 KV cache, split_kv only) and `+fp8prefill` (the
+prefill's projections as FP8 matmuls, `litovis.model.fp8_prefill`); `--fp8-prefill` adds a
+`+fp8prefill` copy of each variant. "agree" compares a variant's greedy tokens with
+transformers' on the same text batch: rows whose first token / all tokens agree (bf16 rounding
+differs between the two, and random weights give near-flat logits, so full-row agreement is
+informative, not a pass/fail).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import math
 import platform
 import sys
@@ -303,7 +302,8 @@ def main() -> None:
                         help="torch.compile the LLM decoder and ViT encoder layers in place")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--decode-attention", default="sdpa,matmul",
-                        help="decode attention variants to time, comma-separated (sdpa, matmul)")
+                        help="variants to time, comma-separated: sdpa, matmul or split_kv, each with optional "
+                             "+fp8kv and +fp8prefill suffixes")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (default 1940; --small: 64)")
     parser.add_argument("--image-side", type=int, default=None, help="image side in px (default 1280; --small: 64)")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -314,7 +314,7 @@ def main() -> None:
                         help="prompt lengths in [0.6, 1.4] x --prompt-tokens, image sides up to what fits, longest "
                              "first; every batch runs once untimed first")
     parser.add_argument("--fp8-prefill", action="store_true",
-                        help="after the bf16 runs, time every variant again with FP8 prefill projections")
+                        help="time every variant again with FP8 prefill projections (the +fp8prefill suffix)")
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--sync-every", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -349,9 +349,11 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=limit, min_new_tokens=args.new_tokens, eos_token_ids=eos,
                               pad_token_id=eos[1])
     variants = args.decode_attention.split(",")
+    if args.fp8_prefill:
+        variants += [f"{name}+fp8prefill" for name in variants]
     options = {name: DecodeOptions(max_prefill_tokens=args.max_prefill_tokens, sync_every=args.sync_every,
-                                   cuda_graphs=args.cuda_graphs, decode_attention=name.removesuffix("+fp8kv"),
-                                   fp8_kv_cache=name.endswith("+fp8kv"), attend_multiple=args.attend_multiple)
+                                   cuda_graphs=args.cuda_graphs, decode_attention=name.split("+")[0],
+                                   fp8_kv_cache="+fp8kv" in name, attend_multiple=args.attend_multiple)
                for name in variants}
     for variant in options.values():
         variant.validate()
@@ -386,10 +388,9 @@ def main() -> None:
             text_ids = random_text((batches * batch, tokens), vocab, torch.Generator().manual_seed(args.seed + 1000 + batch))
             text = [EncodedPrompt(row.clone()) for row in text_ids[:batch]]
         ours_runs = []
-        for (name, variant), fp8 in itertools.product(options.items(), (False, True) if args.fp8_prefill else (False,)):
-            if fp8:
+        for name, variant in options.items():
+            if "+fp8prefill" in name:
                 enable_fp8_prefill(model)
-                name = f"{name} fp8"
             try:
                 ours, ours_text, text_tokens = run_ours(model, config, variant, batch, prompts, text, device,
                                                         args.varied)
