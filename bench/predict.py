@@ -404,6 +404,8 @@ def main() -> None:
                 disable_fp8_prefill(model)  # the next variant starts from the bf16 model
             ours.name = f"litovis {name}"
             timings.append(ours)
+            print(f"batch {batch}, {name}: {ours.per_batch:.2f} s/batch, projected {ours.projected_min():.2f} min",
+                  flush=True)  # progress, in case the run is cut short
             if ours_text is not None:
                 ours_text.name = f"  text {name}"
                 timings.append(ours_text)
