@@ -16,6 +16,7 @@ from litovis.model.decoding import (
     bucket_size,
     check_prompt,
     packed_prefill,
+    stage_prefill,
 )
 from litovis.model.generation import GenerationConfig, generate
 from litovis.model.ovis import Ovis2_5
@@ -391,3 +392,17 @@ def test_compiled_layers_are_not_recompiled_per_layer(prompts: list[EncodedPromp
     assert torch.equal(got, expected)
     # prefill chunks of a few shapes and one decode step; never one graph per layer
     assert 0 < graphs < 6, f"{graphs} graphs for 6 layers"
+
+
+def test_staged_prefill_inputs_restart_positions_per_prompt_and_name_each_tokens_row(
+        prompts: list[EncodedPrompt]) -> None:
+    chosen = [prompts[1], prompts[0], prompts[3]]  # 9 text ids; 3 + 2 spans + 4; 1
+    staged = stage_prefill(chosen, [5, 2, 7], torch.device("cpu"))
+    lengths = [p.input_ids.numel() for p in chosen]
+    assert staged.cu_seqlens.tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert staged.positions.tolist() == [i for n in lengths for i in range(n)]
+    assert staged.rows.tolist() == [5] * lengths[0] + [2] * lengths[1] + [7]
+    assert torch.equal(staged.ids, torch.cat([p.input_ids for p in chosen]))
+    assert torch.equal(staged.pixels, prompts[0].pixel_values) and torch.equal(staged.grids, prompts[0].grid_thws)
+    assert staged.longest == max(lengths)
+    assert stage_prefill(chosen[:1], [0], torch.device("cpu")).pixels is None
