@@ -64,16 +64,15 @@ def main() -> None:
         bf16_bytes = 2 * batch * KV_HEADS * args.filled * DIM * 2
 
         report("sdpa (masked, folded heads)", batch, partial(attend, q, k, v, sdpa), bf16_bytes, expected)
-        k8, k_scale = quantize_rows(keys[:, :, :args.slots])
-        v8, v_scale = quantize_rows(values[:, :, :args.slots])
-        fp8_args = (k8.transpose(1, 2), v8.transpose(1, 2), lengths, k_scale[..., 0], v_scale[..., 0])
+        (k8, k_scale), (v8, v_scale) = quantize_rows(keys), quantize_rows(values)
+        fp8_args = (k8, v8, lengths, k_scale[..., 0], v_scale[..., 0])
         fp8_bytes = bf16_bytes // 2 + 2 * batch * KV_HEADS * args.filled * 4
         chosen = choose_splits(batch, KV_HEADS, args.slots, processors)
         grid = itertools.product(*(map(int, text.split(",")) for text in (args.blocks, args.splits, args.warps)))
         for block, splits, warps in grid:
             tag = f"b{block} s{splits}{'*' if splits == chosen else ''} w{warps}"
-            settings = (DIM ** -0.5, splits, block, warps)
-            report(f"split_kv {tag}", batch, partial(split_kv_decode, q, k, v, lengths, None, None, *settings),
+            settings = (DIM ** -0.5, args.slots, splits, block, warps)
+            report(f"split_kv {tag}", batch, partial(split_kv_decode, q, keys, values, lengths, None, None, *settings),
                    bf16_bytes, expected)
             report(f"split_kv fp8 {tag}", batch, partial(split_kv_decode, q, *fp8_args, *settings), fp8_bytes,
                    expected)

@@ -340,6 +340,9 @@ def main() -> None:
     atoms = grid[1] * grid[2] // vit.hidden_stride**2
     if args.compile:
         model.compile_layers()
+        # Each variant adds graphs to the same layers (a predict run has one variant): past the
+        # default limit of 8, dynamo would run the later variants eagerly.
+        torch._dynamo.config.recompile_limit = 64
     eos = eos_ids(vocab)
     limit = args.answer_limit or args.new_tokens
     if limit < args.new_tokens:

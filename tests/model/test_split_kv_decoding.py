@@ -26,14 +26,14 @@ needs_kernel = pytest.mark.skipif(not split_kv_available(DEVICE),
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """q `[B, 1, Hq, D]` over row b's first lengths[b] slots of k, v `[B, S, Hkv, D]`, in float64."""
+    """q `[B, 1, Hq, D]` over row b's first lengths[b] slots of k, v `[B, Hkv, S, D]`, in float64."""
     batch, _, heads, dim = q.shape
-    group = heads // k.shape[2]
+    group = heads // k.shape[1]
     out = torch.empty(batch, 1, heads, dim, dtype=torch.float64)
     for b in range(batch):
         n = int(lengths[b])
-        keys = k[b, :n].double().repeat_interleave(group, 1).transpose(0, 1)  # [Hq, n, D]
-        values = v[b, :n].double().repeat_interleave(group, 1).transpose(0, 1)
+        keys = k[b, :, :n].double().repeat_interleave(group, 0)  # [Hq, n, D]
+        values = v[b, :, :n].double().repeat_interleave(group, 0)
         weights = (keys @ q[b, 0].double()[:, :, None])[..., 0] / math.sqrt(dim)
         out[b, 0] = (weights.softmax(-1)[:, None, :] @ values)[:, 0]
     return out
@@ -41,11 +41,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
 
 def cache_like(batch: int, slots: int, kv_heads: int, dim: int, dtype: torch.dtype,
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V seen as `[B, S, Hkv, D]` over `[B, Hkv, S', D]` memory with S' > S, as a cache prefix is."""
-    shape = (batch, kv_heads, slots + 7, dim)
-    k = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    v = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    return k[:, :, :slots].transpose(1, 2), v[:, :, :slots].transpose(1, 2)
+    """K/V `[B, Hkv, S, D]`, as a `RowKVCache` layer holds them."""
+    shape = (batch, kv_heads, slots, dim)
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype), torch.randn(shape, generator=gen).to(DEVICE, dtype)
 
 
 def test_choose_splits_fills_the_gpu_without_pieces_under_the_minimum() -> None:
@@ -62,11 +60,12 @@ def test_the_kernel_equals_softmax_attention_over_each_rows_filled_slots(splits:
     gen = torch.Generator().manual_seed(splits)
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # the interpreter has no bfloat16
     q_heads, kv_heads = heads
-    k, v = cache_like(4, 300, kv_heads, 32, dtype, gen)
+    k, v = cache_like(4, 307, kv_heads, 32, dtype, gen)
     q = torch.randn(4, 1, q_heads, 32, generator=gen).to(DEVICE, dtype)
     lengths = torch.tensor([1, 64, 300, 129], dtype=torch.int32, device=DEVICE)
-    k[0, 1:] = float("nan")  # never read: slots past a row's length
-    got = split_kv_decode(q, k, v, lengths, None, None, 32 ** -0.5, splits, block=32)
+    k[0, :, 1:] = float("nan")  # never read: slots past a row's length
+    k[:, :, 300:] = float("nan")  # nor slots past the span
+    got = split_kv_decode(q, k, v, lengths, None, None, 32 ** -0.5, 300, splits, block=32)
     assert got.shape == q.shape and got.dtype == dtype
     torch.testing.assert_close(got.double().cpu(), softmax_attention(q.cpu(), k.cpu(), v.cpu(), lengths.cpu()),
                                atol=2e-2, rtol=2e-2)
@@ -78,11 +77,9 @@ def test_float8_keys_and_values_are_read_through_their_scales() -> None:
     k, v = cache_like(3, 200, 2, 32, torch.float32, gen)
     q = torch.randn(3, 1, 8, 32, generator=gen).to(DEVICE)
     lengths = torch.tensor([200, 17, 90], dtype=torch.int32, device=DEVICE)
-    (k8, k_scale), (v8, v_scale) = (quantize_rows(x.transpose(1, 2)) for x in (k, v))  # [B, Hkv, S, D]
-    got = split_kv_decode(q, k8.transpose(1, 2), v8.transpose(1, 2), lengths, k_scale[..., 0], v_scale[..., 0],
-                          32 ** -0.5, 2, block=32)
-    restored_k = (k8.double() * k_scale.double()).transpose(1, 2)
-    restored_v = (v8.double() * v_scale.double()).transpose(1, 2)
+    (k8, k_scale), (v8, v_scale) = quantize_rows(k), quantize_rows(v)
+    got = split_kv_decode(q, k8, v8, lengths, k_scale[..., 0], v_scale[..., 0], 32 ** -0.5, 200, 2, block=32)
+    restored_k, restored_v = k8.double() * k_scale.double(), v8.double() * v_scale.double()
     expected = softmax_attention(q.cpu(), restored_k.cpu(), restored_v.cpu(), lengths.cpu())
     torch.testing.assert_close(got.double().cpu(), expected, atol=1e-4, rtol=1e-4)
     unquantised = softmax_attention(q.cpu(), k.cpu(), v.cpu(), lengths.cpu())
@@ -92,13 +89,15 @@ def test_float8_keys_and_values_are_read_through_their_scales() -> None:
 @needs_kernel
 def test_bad_arguments_raise() -> None:
     q = torch.zeros(1, 1, 4, 24, device=DEVICE)
-    k = torch.zeros(1, 8, 2, 24, device=DEVICE)
+    k = torch.zeros(1, 2, 8, 24, device=DEVICE)
     lengths = torch.ones(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        split_kv_decode(q, k, k, lengths, None, None, 1.0, 1)
-    q, k = q[..., :16], k[..., :16].contiguous()
+        split_kv_decode(q, k, k, lengths, None, None, 1.0, 8, 1)
+    q, k = q[..., :16].contiguous(), k[..., :16].contiguous()
     with pytest.raises(ValueError, match="go together"):
-        split_kv_decode(q.contiguous(), k, k, lengths, torch.ones(1, 2, 8, device=DEVICE), None, 1.0, 1)
+        split_kv_decode(q, k, k, lengths, torch.ones(1, 2, 8, device=DEVICE), None, 1.0, 8, 1)
+    with pytest.raises(ValueError, match="span must be"):
+        split_kv_decode(q, k, k, lengths, None, None, 1.0, 9, 1)
 
 
 def _generation_config(**kwargs) -> GenerationConfig:

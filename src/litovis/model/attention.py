@@ -133,8 +133,10 @@ class AttentionLayout:
     """`(first position, sequences, length)` of each run of equal-length sequences (per_sequence backend)."""
     key_lengths: torch.Tensor | None = None
     """int32 `[B]`: row b attends its first `key_lengths[b]` keys (split_kv backend)."""
+    key_span: int = 0
+    """Slots `[0, key_span)` hold every row's keys (split_kv backend)."""
     splits: int = 1
-    """Pieces the keys of each row are cut into, run in parallel (split_kv backend)."""
+    """Pieces `key_span` is cut into, run in parallel (split_kv backend)."""
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -373,8 +375,8 @@ def attend(
         if q.shape[1] != 1 or layout.key_lengths is None:
             raise ValueError("the split_kv backend serves single-query decoding with key_lengths only")
         key_scales, value_scales = kv_scales if kv_scales is not None else (None, None)
-        return torch.ops.litovis.split_kv_decode(q, k, v, layout.key_lengths, key_scales, value_scales, scale,
-                                                 layout.splits)
+        return torch.ops.litovis.split_kv_decode(q, k.transpose(1, 2), v.transpose(1, 2), layout.key_lengths,
+                                                 key_scales, value_scales, scale, layout.key_span, layout.splits)
     if kv_scales is not None:
         raise ValueError(f"quantised keys/values are read by the split_kv backend only, not {layout.backend!r}")
     k, v = k.to(q.dtype), v.to(q.dtype)

@@ -49,13 +49,15 @@ def decode_logits(llm: Qwen3ForCausalLM, cache: RowKVCache, tokens: torch.Tensor
     which cuts each row's slots into `splits` pieces); the step attends over the first `length`
     slots (default: all), which must hold every position.
     """
-    if length is not None:
-        cache, slot_ids = cache.prefix(length), slot_ids[:length]
     hidden = llm.model.embed_tokens(tokens[:, None])
     if attention == "split_kv":
+        # The kernel reads each row's filled slots only, so it gets the whole cache: a slice of it
+        # would be copied into a dense tensor by compiled layers.
         layout = AttentionLayout(causal=True, backend=attention, key_lengths=(positions + 1).to(torch.int32),
-                                 splits=splits)
+                                 key_span=length or cache.max_len, splits=splits)
     else:
+        if length is not None:
+            cache, slot_ids = cache.prefix(length), slot_ids[:length]
         mask = (slot_ids[None, :] <= positions[:, None])[:, None, None, :]
         layout = AttentionLayout(causal=True, backend=attention, mask=mask)
     write = CacheWrite(rows=rows, slots=positions, attend_cache=True)

@@ -120,18 +120,20 @@ if triton is not None:
 
 @torch.library.custom_op("litovis::split_kv_decode", mutates_args=())
 def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor,
-                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, scale: float, splits: int,
+                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, scale: float, span: int, splits: int,
                     block: int = DEFAULT_BLOCK, warps: int = 4) -> torch.Tensor:
-    """Attention of q `[B, 1, Hq, D]` over row b's first `key_lengths[b]` slots of k, v `[B, S, Hkv, D]`.
+    """Attention of q `[B, 1, Hq, D]` over row b's first `key_lengths[b]` slots of k, v `[B, Hkv, S, D]`.
 
-    k, v may be any strided views with a contiguous last axis (a `RowKVCache` gives `[B, Hkv, S, D]`
-    memory seen as `[B, S, Hkv, D]`). `k_scale`/`v_scale` `[B, Hkv, S]` (float32, last axis
-    contiguous) come with float8 keys/values and are None otherwise. Every `key_lengths[b]` must be
-    in `[1, S]`. `splits`, `block` (slots per inner step) and `warps` (per program) change the
-    speed only. Returns `[B, 1, Hq, D]` in q's dtype.
+    k, v are a `RowKVCache` layer's buffers as they are (any strides with a contiguous last axis;
+    pass whole buffers rather than slices of them: under `torch.compile` a slice with gaps is
+    copied into a dense tensor first, which costs more than the attention). `k_scale`/`v_scale`
+    `[B, Hkv, S]` (float32, last axis contiguous) come with float8 keys/values and are None
+    otherwise. Every `key_lengths[b]` must be in `[1, span]`, `span <= S`: the slots `[0, span)`
+    are cut into `splits` pieces. `splits`, `block` (slots per inner step) and `warps` (per
+    program) change the speed only. Returns `[B, 1, Hq, D]` in q's dtype.
     """
     batch, _, heads, dim = q.shape
-    slots, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, slots = k.shape[1], k.shape[2]
     if not split_kv_available(q.device):
         raise RuntimeError("split_kv_decode needs Triton and a CUDA device")
     if heads % kv_heads or dim & (dim - 1) or dim < 16:
@@ -139,13 +141,15 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
                          f">= 16, got {heads} / {kv_heads} heads of {dim}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("split_kv_decode needs q, k, v with a contiguous last axis")
+    if not 1 <= span <= slots:
+        raise ValueError(f"span must be in [1, {slots}] (the cache's slots), got {span}")
     scaled = k_scale is not None
     if scaled != (v_scale is not None):
         raise ValueError("k_scale and v_scale go together")
     group = heads // kv_heads
     out = torch.empty_like(q)
-    split_len = triton.cdiv(triton.cdiv(slots, splits), block) * block
-    splits = triton.cdiv(slots, split_len)
+    split_len = triton.cdiv(triton.cdiv(span, splits), block) * block
+    splits = triton.cdiv(span, split_len)
     partial = lse = out
     if splits > 1:
         partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
@@ -156,7 +160,7 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
         _split_kernel[(batch, kv_heads, splits)](
             q, k, v, k_scale, v_scale, key_lengths, out if splits == 1 else partial, lse,
-            q.stride(0), q.stride(2), k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1),
+            q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             *scale_strides, out.stride(0), out.stride(2), split_len, scale * math.log2(math.e),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK=block,
             SPLITS=splits, SCALED=scaled, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
@@ -167,5 +171,5 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
 
 
 @split_kv_decode.register_fake
-def _(q, k, v, key_lengths, k_scale, v_scale, scale, splits, block=DEFAULT_BLOCK, warps=4):
+def _(q, k, v, key_lengths, k_scale, v_scale, scale, span, splits, block=DEFAULT_BLOCK, warps=4):
     return torch.empty_like(q)
