@@ -333,13 +333,6 @@ def test_mismatched_images_name_the_prompt(tiny_model_f64: Ovis2_5, prompts: lis
         check_prompt(EncodedPrompt(torch.tensor([], dtype=torch.long)), 3)
 
 
-def test_attended_lengths_cover_every_position(tiny_model_f64: Ovis2_5) -> None:
-    options = DecodeOptions(attend_multiple=16, cuda_graphs=False)
-    decoder = StaticDecoder(tiny_model_f64, _config(), 2, 40, options)
-    assert decoder.lengths == [16, 32, 40]
-    assert [decoder.length_for(p) for p in (0, 15, 16, 31, 32, 39)] == [16, 16, 32, 32, 40, 40]
-
-
 def test_bucket_size() -> None:
     assert bucket_size(5, (2, 8, 16)) == 8
     assert bucket_size(8, (2, 8, 16)) == 8
