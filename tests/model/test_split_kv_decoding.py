@@ -48,7 +48,8 @@ def cache_like(batch: int, slots: int, kv_heads: int, dim: int, dtype: torch.dty
 
 def test_choose_splits_fills_the_gpu_without_pieces_under_the_minimum() -> None:
     assert choose_splits(rows=128, kv_heads=8, slots=2304, multiprocessors=132) == 1
-    assert choose_splits(rows=16, kv_heads=8, slots=2304, multiprocessors=132) == 5
+    assert choose_splits(rows=64, kv_heads=8, slots=2304, multiprocessors=132) == 1
+    assert choose_splits(rows=16, kv_heads=8, slots=2304, multiprocessors=132) == 3
     assert choose_splits(rows=1, kv_heads=8, slots=600, multiprocessors=132) == 2  # 600 // 256
     assert choose_splits(rows=1, kv_heads=8, slots=100, multiprocessors=132) == 1
 

@@ -31,8 +31,8 @@ try:
 except ImportError:  # CPU installs: the kernel is simply unavailable
     triton = None
 
-DEFAULT_BLOCK = 64
-"""Cache slots per inner-loop block."""
+DEFAULT_BLOCK = 128
+"""Cache slots per inner-loop block (128 beat 64 at batch 64 and 128 on an H100, float8 most: bench/RESULTS.md)."""
 MIN_SPLIT = 256
 """Fewest cache slots per split: shorter pieces cost more in merging than they gain in parallelism."""
 
@@ -44,8 +44,10 @@ def split_kv_available(device: torch.device) -> bool:
 
 
 def choose_splits(rows: int, kv_heads: int, slots: int, multiprocessors: int) -> int:
-    """Pieces per (row, K/V head): enough programs for about four per multiprocessor, none under `MIN_SPLIT` slots."""
-    wanted = math.ceil(4 * multiprocessors / max(rows * kv_heads, 1))
+    """Pieces per (row, K/V head): enough programs for about two per multiprocessor, none under `MIN_SPLIT` slots.
+
+    (At batch 64 on an H100, 512 programs of whole rows beat 1,024 half rows.)"""
+    wanted = math.ceil(2 * multiprocessors / max(rows * kv_heads, 1))
     return max(1, min(wanted, slots // MIN_SPLIT))
 
 
