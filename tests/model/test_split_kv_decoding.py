@@ -147,15 +147,6 @@ def test_generation_with_split_kv_attention_equals_sdpa_and_a_float8_cache_stays
     assert [t[0] for t in quantised] == [t[0] for t in expected]  # the first token comes from the prefill
 
 
-@pytest.mark.skipif(split_kv_available(torch.device("cpu")), reason="the interpreter runs the kernel on CPU")
-def test_split_kv_attention_on_a_device_without_the_kernel_raises() -> None:
-    torch.manual_seed(0)
-    model = build_ovis(preset("tiny"), dtype=torch.float32).eval()
-    generator = FastGenerator(model, _generation_config(), DecodeOptions(decode_attention="split_kv"))
-    with pytest.raises(RuntimeError, match="needs Triton and a CUDA device"):
-        generator.generate(_text_prompts(1))
-
-
 def test_a_float8_cache_needs_the_split_kv_kernel() -> None:
     with pytest.raises(ValueError, match="fp8_kv_cache"):
         DecodeOptions(fp8_kv_cache=True).validate()
