@@ -117,7 +117,7 @@ class DecodeOptions:
             raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                              f"got {self.decode_attention!r}")
         if self.fp8_kv_cache and self.decode_attention != "split_kv":
-            raise ValueError(f"fp8_kv_cache is read by decode_attention='split_kv' only, "
+            raise ValueError(f"fp8_kv_cache is read by decode_attention='split_kv' only (Triton on CUDA), "
                              f"not {self.decode_attention!r}")
 
 
