@@ -1,8 +1,8 @@
 """Benchmark: one decode step's attention over a 9B-shaped KV cache, per layer, by kernel.
 
 Shapes of the 9B's LLM (32 query heads, 8 K/V heads, head_dim 128) over a `RowKVCache` layer
-(`[B, 8, S, 128]`, attended through a prefix view): every row has filled `--filled` slots of
-`--slots` attended ones, as after a 1,940-token prompt. Times SDPA with the decode mask (what
+(`[B, 8, S, 128]`; SDPA reads a prefix view of `--slots` slots, split_kv the whole buffer with that
+span, as decoding passes them): every row has filled `--filled` slots, as after a 1,940-token prompt. Times SDPA with the decode mask (what
 `decode_attention: sdpa` runs) and the split-KV Triton kernel (`litovis.model.split_kv_decoding`)
 over a grid of block sizes and splits, in bf16 and over a float8 cache; prints µs per layer and
 the cache bytes read per second ("b64 s2* w4": 64 slots per block, 2 splits, the number

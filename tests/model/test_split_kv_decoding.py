@@ -14,7 +14,7 @@ import torch
 
 from litovis.model.checkpoint import build_ovis
 from litovis.model.decode_step import StaticDecoder, decode_logits
-from litovis.model.decoding import DecodeOptions, FastGenerator
+from litovis.model.decoding import DecodeOptions, EncodedPrompt, FastGenerator
 from litovis.model.fp8_prefill import quantize_rows
 from litovis.model.generation import GenerationConfig
 from litovis.model.presets import preset
@@ -111,31 +111,29 @@ def tiny_model():
     return build_ovis(preset("tiny"), dtype=torch.float32, device=DEVICE).eval()
 
 
-def _text_prompts(count: int):
-    from litovis.model.decoding import EncodedPrompt
-
+def _text_prompts() -> list[EncodedPrompt]:
     gen = torch.Generator().manual_seed(2)
-    return [EncodedPrompt(torch.randint(1, 500, (n,), generator=gen)) for n in (5, 19, 11, 2)[:count]]
+    return [EncodedPrompt(torch.randint(1, 500, (n,), generator=gen)) for n in (5, 19, 11, 2)]
 
 
 @needs_kernel
 def test_a_decode_step_gives_the_logits_of_the_masked_sdpa_step(tiny_model) -> None:
     options = DecodeOptions(decode_attention="split_kv", cuda_graphs=False, attend_multiple=16)
     generator = FastGenerator(tiny_model, _generation_config(), options)
-    generator.prefill(_text_prompts(4))
+    generator.prefill(_text_prompts())
     decoder: StaticDecoder = generator._decoder
     args = (tiny_model.llm, decoder.cache, decoder.selector.tokens, decoder.positions, decoder.rows,
             decoder.slot_ids)
     expected = decode_logits(*args, "sdpa", 32)
     for splits in (1, 2):
-        generator.prefill(_text_prompts(4))  # the step wrote its keys/values: start again
+        generator.prefill(_text_prompts())  # the step wrote its keys/values: start again
         got = decode_logits(*args, "split_kv", 32, splits)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @needs_kernel
 def test_generation_with_split_kv_attention_equals_sdpa_and_a_float8_cache_stays_close(tiny_model) -> None:
-    prompts = _text_prompts(4)
+    prompts = _text_prompts()
     base = DecodeOptions(cuda_graphs=False, attend_multiple=8)
     config = _generation_config()
     expected = FastGenerator(tiny_model, config, base).generate(prompts)

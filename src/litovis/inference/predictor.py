@@ -92,7 +92,6 @@ class Predictor:
         device = next(model.parameters()).device
         options = DecodeOptions(cuda_graphs=settings.cuda_graphs, fp8_kv_cache=settings.fp8_kv_cache,
                                 decode_attention=resolve_decode_attention(settings.decode_attention, device))
-        options.validate()
         self.generator = FastGenerator(model, generation_config(settings, tokenizer), options)
 
     @torch.inference_mode()
