@@ -181,9 +181,11 @@ def stage_prefill(prompts: Sequence[PromptInputs], rows: Sequence[int], device: 
     grids = torch.cat([p.grid_thws for p in with_images]) if with_images else None
 
     def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None or device.type != "cuda":
-            return None if tensor is None else tensor.to(device)
-        return tensor.pin_memory().to(device, non_blocking=True)
+        if tensor is None:
+            return None
+        if device.type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
 
     return PrefillInputs(move(torch.cat([p.input_ids for p in prompts])), move(pixels), move(grids), move(cu),
                          move(positions), move(row_of_token), int(lengths.max()))
