@@ -8,7 +8,9 @@ in the same process, transformers' `Qwen3ForCausalLM` built from the same LLM co
 OUR LLM's weights (equal compute) runs `generate(do_sample=False, max_new_tokens=N,
 min_new_tokens=N)` with SDPA on text-only prompts of the same length at the same batch sizes;
 our generator also runs that text-only batch, so both ratios are printed. Times are projected
-to the 2,493-row test set (ceil(2493 / batch) batches x s/batch). Run by hand on a GPU:
+to the 2,493-row test set: floor(2493 / batch) batches x s/batch, plus the last batch of the
+remaining rows, timed after a warm-up run of it (`--no-tail`, or `--varied`: every batch counted
+as a full one). Run by hand on a GPU:
 
     PYTHONPATH=src python bench/predict.py                          # batch 16 and 64, with baseline
     PYTHONPATH=src python bench/predict.py --batch-sizes 64,128 --no-baseline
@@ -87,6 +89,7 @@ class Timing:
     prefill_tflops: float | None = None
     peak_gib: float | None = None
     agree: str = ""
+    tail_seconds: float | None = None  # the test set's last, partial batch, timed
 
     @property
     def per_batch(self) -> float:
@@ -97,7 +100,11 @@ class Timing:
         return self.new_tokens / sum(self.seconds)
 
     def projected_min(self) -> float:
-        return math.ceil(TEST_ROWS / self.batch) * self.per_batch / 60
+        """Minutes for the test set: its full batches at the mean time, and its last partial batch
+        at the time measured for it (at a full batch's time when it was not measured)."""
+        if self.tail_seconds is None:
+            return math.ceil(TEST_ROWS / self.batch) * self.per_batch / 60
+        return (TEST_ROWS // self.batch * self.per_batch + self.tail_seconds) / 60
 
 
 def random_text(shape: tuple[int, ...], vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -167,8 +174,9 @@ def prefill_flops(config: OvisConfig, prompts: list[EncodedPrompt]) -> float:
 
 def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int, prompts: list[EncodedPrompt],
              text_batch: list[EncodedPrompt] | None, device: torch.device,
-             varied: bool = False) -> tuple[Timing, Timing | None, list]:
-    """Warm-up, timed batches, then the text-only batch (timed, tokens kept for agreement)."""
+             varied: bool = False, tail: int = 0) -> tuple[Timing, Timing | None, list]:
+    """Warm-up, timed batches, the test set's last batch of `tail` rows (warmed up, then timed; 0:
+    none), then the text-only batch (timed, tokens kept for agreement)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = FastGenerator(model, config, options)
@@ -201,6 +209,13 @@ def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int
     recompiled = (compiled_graphs() or 0) - (graphs or 0)  # None: the counter moved in this torch
     if recompiled:
         print(f"batch {batch}: {recompiled} graphs were compiled while timed (the timing includes compilation)")
+    if tail:
+        for _ in range(2):  # the first run captures graphs and compiles for the new row count; the second is kept
+            synchronize(device)
+            began = time.perf_counter()
+            generator.prefill(prompts[:tail])
+            generator.decode(max_steps=config.min_new_tokens - 1)
+            ours.tail_seconds = time.perf_counter() - began
     text_timing, text_tokens = None, []
     if text_batch is not None:
         synchronize(device)
@@ -315,6 +330,8 @@ def main() -> None:
                              "first; every batch runs once untimed first")
     parser.add_argument("--fp8-prefill", action="store_true",
                         help="time every variant again with FP8 prefill projections (the +fp8prefill suffix)")
+    parser.add_argument("--tail", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the test set's last, partial batch for the projection (else: as a full one)")
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--sync-every", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -395,8 +412,9 @@ def main() -> None:
             if "+fp8prefill" in name:
                 enable_fp8_prefill(model)
             try:
+                tail = TEST_ROWS % batch if args.tail and not args.varied else 0
                 ours, ours_text, text_tokens = run_ours(model, config, variant, batch, prompts, text, device,
-                                                        args.varied)
+                                                        args.varied, tail)
             except RuntimeError as err:  # report and go on with the other variants
                 print(f"batch {batch}, decode attention {name}: FAILED: {err}")
                 gc.collect()
