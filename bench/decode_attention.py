@@ -4,7 +4,8 @@ Shapes of the 9B's LLM (32 query heads, 8 K/V heads, head_dim 128) over a `RowKV
 (`[B, 8, S, 128]`; SDPA reads a prefix view of `--slots` slots, split_kv the whole buffer with that
 span, as decoding passes them): every row has filled `--filled` slots, as after a 1,940-token prompt. Times SDPA with the decode mask (what
 `decode_attention: sdpa` runs) and the split-KV Triton kernel (`litovis.model.split_kv_decoding`)
-over a grid of block sizes and splits, in bf16 and over a float8 cache; prints µs per layer and
+over a grid of block sizes and splits, in bf16 and over a float8 cache (its dots in float16, and
+in bfloat16: `f16_dots=False`); prints µs per layer and
 the cache bytes read per second ("b64 s2* w4": 64 slots per block, 2 splits, the number
 `choose_splits` picks, 4 warps). Run by hand on a GPU:
 
@@ -76,6 +77,8 @@ def main() -> None:
                    bf16_bytes, expected)
             report(f"split_kv fp8 {tag}", batch, partial(split_kv_decode, q, *fp8_args, *settings), fp8_bytes,
                    expected)
+            report(f"split_kv fp8, bf16 dots {tag}", batch,
+                   partial(split_kv_decode, q, *fp8_args, *settings, f16_dots=False), fp8_bytes, expected)
         print()
 
 

@@ -58,7 +58,8 @@ if triton is not None:
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                       stride_sb, stride_sh, stride_ob, stride_oh, split_len, scale_log2,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK: tl.constexpr, SPLITS: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK: tl.constexpr, SPLITS: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+                      F16_DOTS: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -70,6 +71,8 @@ if triton is not None:
         heads = kv_head * GROUP + g
         q = tl.load(Q + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
                     other=0.0)
+        if F16_DOTS:  # q pre-scaled, so no score overflows float16's range
+            q = (q.to(tl.float32) * scale_log2).to(tl.float16)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -82,7 +85,9 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
             if SCALED:
                 s = s * tl.load(KScale + row * stride_sb + kv_head * stride_sh + n, mask=valid, other=0.0)[None, :]
-            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            if not F16_DOTS:
+                s = s * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -123,7 +128,7 @@ if triton is not None:
 @torch.library.custom_op("litovis::split_kv_decode", mutates_args=())
 def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor,
                     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, scale: float, span: int, splits: int,
-                    block: int = DEFAULT_BLOCK, warps: int = 4) -> torch.Tensor:
+                    block: int = DEFAULT_BLOCK, warps: int = 4, f16_dots: bool = True) -> torch.Tensor:
     """Attention of q `[B, 1, Hq, D]` over row b's first `key_lengths[b]` slots of k, v `[B, Hkv, S, D]`.
 
     k, v are a `RowKVCache` layer's buffers as they are (any strides with a contiguous last axis;
@@ -132,7 +137,9 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
     `[B, Hkv, S]` (float32, last axis contiguous) come with float8 keys/values and are None
     otherwise. Every `key_lengths[b]` must be in `[1, span]`, `span <= S`: the slots `[0, span)`
     are cut into `splits` pieces. `splits`, `block` (slots per inner step) and `warps` (per
-    program) change the speed only. Returns `[B, 1, Hq, D]` in q's dtype.
+    program) change the speed only. `f16_dots`: with float8 keys/values and a half-precision q, the
+    dots run in float16 (q pre-scaled by the softmax scale) rather than in q's dtype: float8 widens
+    to float16 in one instruction per pair on Hopper. Returns `[B, 1, Hq, D]` in q's dtype.
     """
     batch, _, heads, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
@@ -165,7 +172,8 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
             q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             *scale_strides, out.stride(0), out.stride(2), split_len, scale * math.log2(math.e),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK=block,
-            SPLITS=splits, SCALED=scaled, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
+            SPLITS=splits, SCALED=scaled, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            F16_DOTS=scaled and f16_dots and q.dtype != torch.float32, num_warps=warps)
         if splits > 1:
             _merge_kernel[(batch * heads,)](partial, lse, out, out.stride(0), out.stride(2), HEADS=heads,
                                             HEAD_DIM=dim, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
@@ -173,5 +181,5 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
 
 
 @split_kv_decode.register_fake
-def _(q, k, v, key_lengths, k_scale, v_scale, scale, span, splits, block=DEFAULT_BLOCK, warps=4):
+def _(q, k, v, key_lengths, k_scale, v_scale, scale, span, splits, block=DEFAULT_BLOCK, warps=4, f16_dots=True):
     return torch.empty_like(q)
