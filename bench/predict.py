@@ -6,7 +6,7 @@ atoms, the rest of the row is text), forces `--new-tokens` new tokens (eos maske
 times a few batches per batch size after one warm-up batch (CUDA-graph capture, compile). Then,
 in the same process, transformers' `Qwen3ForCausalLM` built from the same LLM config and sharing
 OUR LLM's weights (equal compute) runs `generate(do_sample=False, max_new_tokens=N,
-min_new_tokens=N)` with SDPA on text-only prompts of the same length at the same batch sizes;
+min_new_tokens=N)` with SDPA (bench/transformers_generate.py) on text-only prompts of the same length at the same batch sizes;
 our generator also runs that text-only batch, so both ratios are printed. Times are projected
 to the 2,493-row test set: floor(2493 / batch) batches x s/batch, plus the last batch of the
 remaining rows, timed after a warm-up run of it (`--no-tail`, or `--varied`: every batch counted
@@ -63,6 +63,7 @@ from litovis.model.tokens import IMAGE_END_ID, IMAGE_START_ID, VISUAL_ATOM_ID
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_step import compiled_graphs  # noqa: E402
+from transformers_generate import agreement, run_transformers, transformers_llm  # noqa: E402
 
 TEST_ROWS = 2493
 QWEN_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|> (also pad)
@@ -231,67 +232,6 @@ def run_ours(model, config: GenerationConfig, options: DecodeOptions, batch: int
     return ours, text_timing, text_tokens
 
 
-def transformers_llm(model, device: torch.device):
-    """transformers' Qwen3ForCausalLM from our LLM config, sharing our LLM's weight tensors (SDPA)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    c = model.llm.config
-    hf_config = Qwen3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=c.tie_word_embeddings,
-        attention_bias=False, use_sliding_window=False, attn_implementation="sdpa",
-    )
-    with torch.device("meta"):
-        hf = Qwen3ForCausalLM(hf_config)
-    missing, unexpected = hf.load_state_dict(model.llm.state_dict(), strict=False, assign=True)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weights do not map onto transformers' Qwen3: missing {missing}, unexpected {unexpected}")
-    if c.tie_word_embeddings:
-        hf.lm_head.weight = hf.model.embed_tokens.weight
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_config).to(device)
-    left = [name for name, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"transformers model left on the meta device: {left}")
-    return hf.eval()
-
-
-@torch.no_grad()
-def run_transformers(hf, batch: int, text_ids: torch.Tensor, new_tokens: int, vocab: int,
-                     device: torch.device) -> tuple[Timing, torch.Tensor]:
-    """Time transformers' generate over `text_ids` `[rows, tokens]` in batches of `batch` rows; also
-    return its new tokens of the first batch (for agreement)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rows, tokens = text_ids.shape
-    eos = eos_ids(vocab)
-    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=eos[1],
-                  eos_token_id=list(eos))
-    seconds, produced, first = [], 0, None
-    for start in range(0, rows, batch):
-        ids = text_ids[start:start + batch].to(device)
-        synchronize(device)
-        began = time.perf_counter()
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        synchronize(device)
-        seconds.append(time.perf_counter() - began)
-        produced += out[:, tokens:].numel()
-        if first is None:
-            first = out[:, tokens:].cpu()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Timing("transformers", batch, rows, tokens, seconds, produced, peak_gib=peak), first
-
-
-def agreement(ours: list[torch.Tensor], theirs: torch.Tensor) -> str:
-    """Share of rows whose first new token, and whose every new token, equal transformers'."""
-    ours = torch.stack(ours)
-    same_first = (ours[:, 0] == theirs[:, 0]).float().mean().item()
-    same_all = (ours == theirs).all(-1).float().mean().item()
-    return f"first {same_first:.0%}, all {same_all:.0%}"
-
-
 def print_table(timings: list[Timing]) -> None:
     header = (f"{'impl':<28} {'batch':>5} {'rows':>5} {'prompt':>7} {'s/batch':>8} {'new tok/s':>10} "
               f"{'prefill s':>9} {'TFLOP/s':>8} {'decode ms/step':>14} {'2,493 rows':>10} {'peak GiB':>8}  agree")
@@ -433,7 +373,8 @@ def main() -> None:
                 ours_runs.append((name, ours, ours_text, text_tokens))
         if hf is None or not ours_runs:
             continue
-        theirs, their_tokens = run_transformers(hf, batch, text_ids, args.new_tokens, vocab, device)
+        seconds, produced, peak, their_tokens = run_transformers(hf, batch, text_ids, args.new_tokens, eos, device)
+        theirs = Timing("transformers", batch, len(text_ids), tokens, seconds, produced, peak_gib=peak)
         timings.append(theirs)
         for name, ours, ours_text, text_tokens in ours_runs:
             ours_text.agree = agreement(text_tokens, their_tokens)
