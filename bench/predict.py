@@ -5,8 +5,9 @@ Builds the 9B preset with random bf16 weights, synthesises prompts shaped like t
 atoms, the rest of the row is text), forces `--new-tokens` new tokens (eos masked, greedy) and
 times a few batches per batch size after one warm-up batch (CUDA-graph capture, compile). Then,
 in the same process, transformers' `Qwen3ForCausalLM` built from the same LLM config and sharing
-OUR LLM's weights (equal compute) runs `generate(do_sample=False, max_new_tokens=N,
-min_new_tokens=N)` with SDPA (bench/transformers_generate.py) on text-only prompts of the same length at the same batch sizes;
+OUR LLM's weights (equal compute; bench/transformers_generate.py) runs `generate(do_sample=False,
+max_new_tokens=N, min_new_tokens=N)` with SDPA on text-only prompts of the same length at the
+same batch sizes;
 our generator also runs that text-only batch, so both ratios are printed. Times are projected
 to the 2,493-row test set: floor(2493 / batch) batches x s/batch, plus the last batch of the
 remaining rows, timed after a warm-up run of it (`--no-tail`, or `--varied`: every batch counted
