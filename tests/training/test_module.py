@@ -226,6 +226,7 @@ def test_fused_adamw_with_bf16_autocast_clips_the_gradient_norm() -> None:
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
     before, after = seen
     assert before > 1e-4 and after == pytest.approx(1e-4, rel=1e-2)
+    assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(before, rel=1e-4)  # logged before clipping
 
 
 class TaskVocabulary(L.LightningDataModule):
@@ -254,6 +255,7 @@ def test_task_names_come_from_the_data_module() -> None:
     assert module.task_names == ["vqa", "captioning", "text_qa"]
     assert {"train/ce_vqa", "train/ce_text_qa"} <= set(trainer.callback_metrics)
     assert "train/ce_captioning" not in trainer.callback_metrics  # no captioning sample in the step
+    assert float(trainer.callback_metrics["train/grad_norm"]) > 0  # logged without clipping too
 
 
 @pytest.mark.parametrize("given", [["text_qa", "vqa"], ["vqa"]], ids=["other-order", "fewer"])

@@ -200,19 +200,25 @@ class OvisFineTuner(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        """Clip the total gradient norm ourselves.
+        """Log the total gradient norm (before clipping) and clip it, from one norm computation.
 
-        Lightning's mixed-precision plugin refuses clipping with a fused optimizer even under bf16,
-        which has no loss scaling; only fp16's grad scaler makes fused clipping unsafe.
+        Lightning calls this after `on_before_optimizer_step`, every step, clipping or not. It
+        clips here rather than in Lightning because its mixed-precision plugin refuses clipping
+        with a fused optimizer even under bf16, which has no loss scaling; only fp16's grad
+        scaler makes fused clipping unsafe.
         """
-        if not gradient_clip_val:
+        if gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"only norm clipping is supported, got gradient_clip_algorithm={gradient_clip_algorithm!r}")
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                raise ValueError("fp16 loss scaling with gradient clipping is not supported: use bf16-mixed")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:  # NonFiniteGuard dropped this step's gradients
             return
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"only norm clipping is supported, got gradient_clip_algorithm={gradient_clip_algorithm!r}")
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("fp16 loss scaling with gradient clipping is not supported: use bf16-mixed")
-        grads = [p for p in self.model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val)
+        norm = total_norm([p.grad for p in params])
+        if gradient_clip_val:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        self.log("train/grad_norm", norm.item(), on_step=True, on_epoch=False, batch_size=1)
 
     # --------------------------------------------------------------- forward
     def _token_loss(self, batch: Any, kind: str):
@@ -302,11 +308,6 @@ class OvisFineTuner(L.LightningModule):
             # Logged by every rank (the values are already reduced): a callback may monitor them.
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
             stats.reset()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", total_norm(grads).item(), on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch, batch_idx)
