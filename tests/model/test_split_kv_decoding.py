@@ -85,6 +85,9 @@ def test_float8_keys_and_values_are_read_through_their_scales(half_q: bool, f16_
     got = split_kv_decode(q, k8, v8, lengths, k_scale[..., 0], v_scale[..., 0], 32 ** -0.5, 200, 2, block=32,
                           f16_dots=f16_dots)
     assert got.dtype == q.dtype
+    as_bytes = split_kv_decode(q, k8.view(torch.uint8), v8.view(torch.uint8), lengths, k_scale[..., 0],
+                               v_scale[..., 0], 32 ** -0.5, 200, 2, block=32, f16_dots=f16_dots)
+    assert torch.equal(as_bytes, got)  # how RowKVCache stores float8: its bits as uint8
     restored_k, restored_v = k8.double() * k_scale.double(), v8.double() * v_scale.double()
     expected = softmax_attention(q.cpu(), restored_k.cpu(), restored_v.cpu(), lengths.cpu())
     tolerance = 2e-2 if half_q else 1e-4  # half precision: the probabilities and the output are rounded

@@ -365,8 +365,8 @@ def attend(
 
     `Hq` must be a multiple of `Hkv` (grouped-query attention). `scale` defaults to `D ** -0.5`.
     The varlen backend needs a packed layout (`B == 1`). K/V of another dtype than q are cast to
-    q's, except float8 K/V with their (key, value) scales `[B, Hkv, Tk]` (`kv_scales`), which only
-    the split_kv backend reads.
+    q's, except float8 K/V (e4m3, or its bits as uint8) with their (key, value) scales `[B, Hkv, Tk]`
+    (`kv_scales`), which only the split_kv backend reads.
     """
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")

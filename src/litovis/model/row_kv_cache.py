@@ -7,7 +7,10 @@ the cache, or over its first slots through `RowKVCache.prefix`.
 
 A quantised cache (`quantized=True`, opt-in) stores keys/values as float8 e4m3 with one float32
 scale per (row, head, slot): half the bytes a decode step reads, which is what bounds its
-attention. Only the split-KV decode kernel (`litovis.model.split_kv_decoding`) reads it.
+attention. Only the split-KV decode kernel (`litovis.model.split_kv_decoding`) reads it. The
+float8 bits live in uint8 buffers: indexed writes into float8 tensors are not implemented
+everywhere, and writing through a dtype view of the buffer made compiled CUDA layers copy the
+whole buffer twice per step (measured: the decode step took twice as long).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class RowKVCache:
                  quantized: bool = False) -> None:
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         layers = config.num_hidden_layers
-        stored = torch.float8_e4m3fn if quantized else dtype
+        stored = torch.uint8 if quantized else dtype  # uint8: float8 e4m3 bits
         # Zeros, not empty: masked slots are still multiplied by zero weights, so they must be finite.
         self.keys = [torch.zeros(shape, dtype=stored, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=stored, device=device) for _ in range(layers)]
@@ -74,7 +77,8 @@ class RowLayerKV:
         """Store k/v `[B', T, kv_heads, D]` (flattened in order) at `write`'s (row, slot) pairs.
 
         Returns what the queries attend: the new k, v themselves, or (`write.attend_cache`) the
-        cache seen as `[B, S, kv_heads, D]`, with its (key, value) scales `[B, kv_heads, S]` when quantised.
+        cache seen as `[B, S, kv_heads, D]`, with its (key, value) scales `[B, kv_heads, S]` when
+        quantised (the cache is then float8 e4m3 bits in uint8).
         """
         heads, dim = k.shape[-2:]
         for new, stored, scales in ((k, self.keys, self.key_scales), (v, self.values, self.value_scales)):
@@ -83,8 +87,7 @@ class RowLayerKV:
                 stored[write.rows, :, write.slots] = new.to(stored.dtype)
             else:
                 quantized, scale = quantize_rows(new)  # one scale per (token, head)
-                # as bytes: indexed writes of float8 tensors are not implemented everywhere
-                stored.view(torch.uint8)[write.rows, :, write.slots] = quantized.view(torch.uint8)
+                stored[write.rows, :, write.slots] = quantized.view(torch.uint8)
                 scales[write.rows, :, write.slots] = scale[..., 0]
         if not write.attend_cache:
             return k, v, None

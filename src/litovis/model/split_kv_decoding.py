@@ -134,8 +134,8 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
     k, v are a `RowKVCache` layer's buffers as they are (any strides with a contiguous last axis;
     pass whole buffers rather than slices of them: under `torch.compile` a slice with gaps is
     copied into a dense tensor first, which costs more than the attention). `k_scale`/`v_scale`
-    `[B, Hkv, S]` (float32, last axis contiguous) come with float8 keys/values and are None
-    otherwise. Every `key_lengths[b]` must be in `[1, span]`, `span <= S`: the slots `[0, span)`
+    `[B, Hkv, S]` (float32, last axis contiguous) come with float8 e4m3 keys/values (or their bits
+    as uint8, how `RowKVCache` stores them) and are None otherwise. Every `key_lengths[b]` must be in `[1, span]`, `span <= S`: the slots `[0, span)`
     are cut into `splits` pieces. `splits`, `block` (slots per inner step) and `warps` (per
     program) change the speed only. `f16_dots`: with float8 keys/values and a half-precision q, the
     dots run in float16 (q pre-scaled by the softmax scale) rather than in q's dtype: float8 widens
@@ -155,6 +155,8 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengt
     scaled = k_scale is not None
     if scaled != (v_scale is not None):
         raise ValueError("k_scale and v_scale go together")
+    if k.dtype == torch.uint8:  # float8 bits: a view here is free (the op is opaque to torch.compile)
+        k, v = k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)
     group = heads // kv_heads
     out = torch.empty_like(q)
     split_len = triton.cdiv(triton.cdiv(span, splits), block) * block
