@@ -366,7 +366,10 @@ def main() -> None:
                 disable_fp8_prefill(model)  # the next variant starts from the bf16 model
             ours.name = f"litovis {name}"
             timings.append(ours)
-            print(f"batch {batch}, {name}: {ours.per_batch:.2f} s/batch, projected {ours.projected_min():.2f} min",
+            detail = "" if ours.prefill is None else (f", prefill {sum(ours.prefill) / len(ours.prefill):.2f} s, "
+                                                      f"decode {sum(ours.decode_ms) / len(ours.decode_ms):.2f} ms/step")
+            print(f"batch {batch}, {name}: {ours.per_batch:.2f} s/batch{detail}, projected "
+                  f"{ours.projected_min():.2f} min, peak {ours.peak_gib or 0:.1f} GiB",
                   flush=True)  # progress, in case the run is cut short
             if ours_text is not None:
                 ours_text.name = f"  text {name}"
