@@ -98,6 +98,14 @@ class Timing:
         return sum(self.seconds) / len(self.seconds)
 
     @property
+    def prefill_s(self) -> float | None:
+        return sum(self.prefill) / len(self.prefill) if self.prefill else None
+
+    @property
+    def decode_ms_per_step(self) -> float | None:
+        return sum(self.decode_ms) / len(self.decode_ms) if self.decode_ms else None
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / sum(self.seconds)
 
@@ -239,9 +247,9 @@ def print_table(timings: list[Timing]) -> None:
     print(header)
     print("-" * len(header))
     for t in timings:
-        prefill = f"{sum(t.prefill) / len(t.prefill):.2f}" if t.prefill else "-"
+        prefill = f"{t.prefill_s:.2f}" if t.prefill else "-"
         tflops = f"{t.prefill_tflops:.0f}" if t.prefill_tflops else "-"
-        decode = f"{sum(t.decode_ms) / len(t.decode_ms):.2f}" if t.decode_ms else "-"
+        decode = f"{t.decode_ms_per_step:.2f}" if t.decode_ms else "-"
         peak = f"{t.peak_gib:.1f}" if t.peak_gib is not None else "-"
         print(f"{t.name:<28} {t.batch:>5} {t.rows:>5} {t.prompt_tokens:>7.0f} {t.per_batch:>8.2f} "
               f"{t.tokens_per_s:>10.0f} {prefill:>9} {tflops:>8} {decode:>14} {t.projected_min():>8.1f} m "
@@ -366,8 +374,7 @@ def main() -> None:
                 disable_fp8_prefill(model)  # the next variant starts from the bf16 model
             ours.name = f"litovis {name}"
             timings.append(ours)
-            detail = "" if ours.prefill is None else (f", prefill {sum(ours.prefill) / len(ours.prefill):.2f} s, "
-                                                      f"decode {sum(ours.decode_ms) / len(ours.decode_ms):.2f} ms/step")
+            detail = "" if not ours.prefill else f", prefill {ours.prefill_s:.2f} s, decode {ours.decode_ms_per_step:.2f} ms/step"
             print(f"batch {batch}, {name}: {ours.per_batch:.2f} s/batch{detail}, projected "
                   f"{ours.projected_min():.2f} min, peak {ours.peak_gib or 0:.1f} GiB",
                   flush=True)  # progress, in case the run is cut short
