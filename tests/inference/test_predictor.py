@@ -133,9 +133,10 @@ def test_fp8_prefill_wraps_the_projections_of_the_merged_model(tokenizer) -> Non
 def test_decode_attention_resolves_per_device_and_a_float8_cache_needs_split_kv(tokenizer) -> None:
     model = build_ovis(preset("tiny")).eval()
     kernel = split_kv_available(torch.device("cpu"))  # only under Triton's interpreter
-    assert Predictor(model, tokenizer, PredictConfig(cuda_graphs=False)).generator.options.decode_attention == "sdpa"
-    auto = Predictor(model, tokenizer, PredictConfig(cuda_graphs=False, decode_attention="auto"))
-    assert auto.generator.options.decode_attention == ("split_kv" if kernel else "sdpa")
+    default = Predictor(model, tokenizer, PredictConfig(cuda_graphs=False))  # auto
+    assert default.generator.options.decode_attention == ("split_kv" if kernel else "sdpa")
+    sdpa = Predictor(model, tokenizer, PredictConfig(cuda_graphs=False, decode_attention="sdpa"))
+    assert sdpa.generator.options.decode_attention == "sdpa"
     matmul = Predictor(model, tokenizer, PredictConfig(cuda_graphs=False, decode_attention="matmul"))
     assert matmul.generator.options.decode_attention == "matmul"
     with pytest.raises(ValueError, match="fp8_kv_cache"):
