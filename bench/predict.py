@@ -375,9 +375,9 @@ def main() -> None:
             ours.name = f"litovis {name}"
             timings.append(ours)
             detail = "" if not ours.prefill else f", prefill {ours.prefill_s:.2f} s, decode {ours.decode_ms_per_step:.2f} ms/step"
+            peak = "" if ours.peak_gib is None else f", peak {ours.peak_gib:.1f} GiB"
             print(f"batch {batch}, {name}: {ours.per_batch:.2f} s/batch{detail}, projected "
-                  f"{ours.projected_min():.2f} min, peak {ours.peak_gib or 0:.1f} GiB",
-                  flush=True)  # progress, in case the run is cut short
+                  f"{ours.projected_min():.2f} min{peak}", flush=True)  # progress, in case the run is cut short
             if ours_text is not None:
                 ours_text.name = f"  text {name}"
                 timings.append(ours_text)
